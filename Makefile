@@ -1,0 +1,43 @@
+# diffusion-lab developer commands. Every target that needs Python depends on the venv stamp,
+# so `make run` / `make test` on a fresh clone install first and are fast no-ops afterwards.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+ARGS    ?=
+PYTEST_ARGS ?=
+LOGDIR  ?= outputs
+
+.PHONY: install run test test-slow lint format tensorboard clean
+
+install: $(STAMP)
+
+# The stamp is rebuilt only when the dependency spec changes (idempotent, fast when current).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -c "import torch, torchvision, lightning, torchmetrics, torch_fidelity, hydra; \
+	  print('venv ok: torch', torch.__version__, '| torchvision', torchvision.__version__, '| lightning', lightning.__version__)"
+	touch $(STAMP)
+
+run: install
+	$(BIN)/python run.py $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check diffusion_lab tests run.py sweeps
+
+format: install
+	$(BIN)/ruff format diffusion_lab tests run.py sweeps
+
+tensorboard: install
+	$(BIN)/tensorboard --logdir $(LOGDIR) --bind_all
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,114 @@
+"""The only place that wires objects together from a composed config.
+
+Reload = build(saved_config) + load_state_dict. Constructor errors are re-raised as one-line
+ConfigErrors that name the config key ("schedule.T=-3: expected an integer >= 1").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion_lab.lit import DiffusionModule
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key, the value and what is allowed."""
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while isinstance(exc, InstantiationException) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def make(cfg: DictConfig, key: str, **kwargs):
+    """instantiate(cfg.<key>) with constructor errors turned into ConfigError('<key>.<arg>=...')."""
+    node = OmegaConf.select(cfg, key)
+    if node is None:
+        return None
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = _root_cause(exc)
+        msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        if isinstance(cause, (ValueError, TypeError)) and re.match(r"^\w+=", msg):
+            raise ConfigError(f"{key}.{msg}") from cause
+        raise ConfigError(f"{key}: {msg}") from cause
+
+
+def check_sampler(sampler, schedule, key: str = "sampler") -> None:
+    """Validate sampler arguments up front (steps, eta, ...) by a dry run on one scalar point."""
+    dummy = lambda x, t: (torch.zeros_like(x), x)
+    try:
+        sampler(dummy, schedule, torch.zeros(1, 1), generator=torch.Generator().manual_seed(0))
+    except (ValueError, TypeError) as exc:
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"{key}.{msg}" if re.match(r"^\w+=", msg) else f"{key}: {msg}") from exc
+
+
+@dataclass
+class Parts:
+    """Everything a run needs, built from one config."""
+
+    datamodule: L.LightningDataModule
+    module: DiffusionModule
+
+
+def resolved(cfg: DictConfig) -> dict:
+    """Plain, fully resolved dict of the run config (stored in checkpoints and the run dir)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+def build(cfg: DictConfig) -> Parts:
+    """Data, schedule, objective, net, sampler and optimizer -> a DiffusionModule and its DataModule."""
+    datamodule = make(cfg, "data")
+    schedule = make(cfg, "schedule")
+    objective = make(cfg, "objective", schedule=schedule)
+    net = make(cfg, "model")
+    sampler = make(cfg, "sampler")
+    check_sampler(sampler, schedule)
+    module = DiffusionModule(
+        net=net, objective=objective, optimizer=make(cfg, "optimizer"), sampler=sampler,
+        sample_shape=tuple(datamodule.shape), lr_scheduler=make(cfg, "lr_scheduler"), config=resolved(cfg),
+    )
+    return Parts(datamodule=datamodule, module=module)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    """Trainer with the configured callbacks (null entries skipped) and logger."""
+    callbacks = [make(cfg, f"callbacks.{name}") for name in (cfg.get("callbacks") or {})]
+    logger = make(cfg, "logger") if cfg.get("logger") is not None else False
+    trainer = make(cfg, "trainer", callbacks=[c for c in callbacks if c is not None], logger=logger,
+                   default_root_dir=str(run_dir))
+    return trainer
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """torch.load with weights_only=True (never executes code from the file); clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt={path}: file not found (expected a .ckpt written by a training run)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt / truncated / not a checkpoint
+        raise ConfigError(f"ckpt={path}: cannot be read as a checkpoint ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200]})") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or not ckpt.get("config"):
+        raise ConfigError(f"ckpt={path}: not a diffusion_lab checkpoint (missing state_dict or config)")
+    return ckpt
+
+
+def module_state(ckpt: dict, use_ema: bool) -> tuple[dict, bool]:
+    """The module weights to load: EMA ("state_dict" under the EMA callback) or the raw ones."""
+    has_ema = "current_model_state" in ckpt
+    if use_ema or not has_ema:
+        return ckpt["state_dict"], has_ema
+    return ckpt["current_model_state"], False

@@ -1,0 +1,169 @@
+"""Low-dimensional DataModules: the whole dataset is one tensor, batches are index draws.
+
+A torch DataLoader over 5000 two-dimensional points spends most of its time in per-item Python;
+here an epoch is `steps_per_epoch` random batches drawn from a tensor that can live on the
+training device, with a seeded generator whose position is checkpointable (exact resume).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import numpy as np
+import torch
+
+from diffusion_lab.data import points as P
+
+
+class InMemoryBatches:
+    """Iterable of `steps` batches {"x", "cond"} drawn without replacement (reshuffled per pass)."""
+
+    def __init__(self, x: torch.Tensor, cond: torch.Tensor | None, batch_size: int, steps: int, seed: int):
+        self.x, self.cond, self.batch_size, self.steps, self.seed = x, cond, batch_size, steps, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def to(self, device) -> InMemoryBatches:
+        self.x = self.x.to(device)
+        self.cond = None if self.cond is None else self.cond.to(device)
+        return self
+
+    def __iter__(self):
+        n = self.x.shape[0]
+        g = torch.Generator(device=self.x.device).manual_seed(self.seed * 100_003 + self.epoch)
+        self.epoch += 1
+        perm = torch.randperm(n, generator=g, device=self.x.device)
+        pos = 0
+        for _ in range(self.steps):
+            if pos + self.batch_size > n:  # start a new pass over the data
+                perm, pos = torch.randperm(n, generator=g, device=self.x.device), 0
+            idx = perm[pos: pos + self.batch_size]
+            pos += self.batch_size
+            yield {"x": self.x[idx], "cond": None if self.cond is None else self.cond[idx]}
+
+    # Lightning saves/restores these with the fit loop (stateful iterables), so a resumed run
+    # continues with the same batch order as an uninterrupted one.
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+
+
+class PointsDataModule(L.LightningDataModule):
+    """Points (N, D) with optional integer labels, from a loader callable returning (data, labels, names)."""
+
+    kind = "points"
+
+    def __init__(self, source: Callable, dim: int, num_classes: int = 0, batch_size: int = 5000,
+                 steps_per_epoch: int = 100, heldout: Callable | None = None, seed: int = 0,
+                 name: str = "points"):
+        super().__init__()
+        if batch_size < 1 or steps_per_epoch < 1:
+            raise ValueError(f"batch_size={batch_size}, steps_per_epoch={steps_per_epoch}: expected >= 1")
+        self.source, self.heldout_source = source, heldout
+        self.dim, self.num_classes, self.name = dim, num_classes, name
+        self.batch_size, self.steps_per_epoch, self.seed = batch_size, steps_per_epoch, seed
+        self.data: torch.Tensor | None = None
+        self._loader: InMemoryBatches | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.dim,)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data is not None:
+            return
+        data, labels, names = _unpack(self.source())
+        if data.ndim != 2 or data.shape[1] != self.dim:
+            raise ValueError(f"data.dim={self.dim} but the source yields points of shape {tuple(data.shape)}")
+        if labels is not None and self.num_classes and int(labels.max()) >= self.num_classes:
+            raise ValueError(f"data.num_classes={self.num_classes} but labels go up to {int(labels.max())}")
+        self.data, self.labels = data, labels
+        self.class_names = names or [str(i) for i in range(self.num_classes)]
+        self.heldout = None if self.heldout_source is None else _unpack(self.heldout_source())[0]
+
+    def train_dataloader(self) -> InMemoryBatches:
+        if self._loader is None:
+            self.setup()
+            cond = self.labels if self.num_classes else None
+            self._loader = InMemoryBatches(self.data, cond, min(self.batch_size, len(self.data)),
+                                           self.steps_per_epoch, self.seed)
+        return self._loader
+
+    def reference(self) -> torch.Tensor:
+        """All true points (the KDE reference of the STATES protocol)."""
+        self.setup()
+        return self.data
+
+    def describe(self) -> dict:
+        self.setup()
+        return {"name": self.name, "n": len(self.data), "dim": self.dim, "num_classes": self.num_classes,
+                "heldout_n": None if self.heldout is None else len(self.heldout)}
+
+
+def _unpack(out) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
+    data, labels, *rest = out
+    names = rest[0] if rest else None
+    data = torch.as_tensor(np.asarray(data, dtype=np.float32))
+    labels = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    return data, labels, names
+
+
+def _states_source(path: str | None):
+    return (lambda: P.load_points_file(path)) if path else P.load_states_asset
+
+
+class StatesDataModule(PointsDataModule):
+    """STATES (CSE849): 5 US-state outlines, 1000 points each; the shipped set or a points file."""
+
+    def __init__(self, path: str | None = None, heldout_path: str | None = None, num_classes: int = 5,
+                 batch_size: int = 5000, steps_per_epoch: int = 100, seed: int = 0, standardize: bool = False,
+                 dim: int = 2):
+        if path is None and heldout_path is None:
+            heldout_path = str(P.STATES_ASSET.with_name("states_heldout.npz"))
+        source = _states_source(path)
+        if standardize:  # user files in other units: zero mean, unit std per axis
+            raw = source
+            source = lambda: _standardized(*raw())
+        heldout = (lambda: P.load_points_file(heldout_path)) if heldout_path else None
+        super().__init__(source, dim=dim, num_classes=num_classes, batch_size=batch_size,
+                         steps_per_epoch=steps_per_epoch, heldout=heldout, seed=seed, name="states")
+
+
+def _standardized(data, labels, names):
+    data = np.asarray(data, dtype=np.float64)
+    return ((data - data.mean(0)) / data.std(0)).astype(np.float32), labels, names
+
+
+class Gmm1dDataModule(PointsDataModule):
+    """1D Gaussian mixture playground; the true density is known (`density`)."""
+
+    def __init__(self, means=(-2.0, 0.5, 3.0), stds=(0.4, 0.3, 0.6), weights=(0.3, 0.5, 0.2), n: int = 5000,
+                 batch_size: int = 5000, steps_per_epoch: int = 100, seed: int = 0, num_classes: int = 0,
+                 dim: int = 1):
+        self.means, self.stds = np.asarray(means, float), np.asarray(stds, float)
+        self.weights = np.asarray(weights, float) / np.sum(weights)
+        gen = lambda s: P.sample_gmm1d(n, means, stds, weights, seed=s)
+        super().__init__(lambda: (*gen(seed), None), dim=dim, num_classes=num_classes, batch_size=batch_size,
+                         steps_per_epoch=steps_per_epoch, heldout=lambda: (*gen(seed + 1), None), seed=seed,
+                         name="gmm1d")
+
+    def density(self, x: np.ndarray) -> np.ndarray:
+        """Mixture pdf sum_k w_k N(x; mu_k, s_k^2)."""
+        z = (x[..., None] - self.means) / self.stds
+        return (self.weights * np.exp(-0.5 * z**2) / (self.stds * np.sqrt(2 * np.pi))).sum(-1)
+
+
+class ToyDataModule(PointsDataModule):
+    """Classic 2D toys (moons, eight gaussians, swiss roll) from a sampler `fn(n, seed=...)`."""
+
+    def __init__(self, sampler: Callable, n: int = 5000, num_classes: int = 0, batch_size: int = 5000,
+                 steps_per_epoch: int = 100, seed: int = 0, name: str = "toy", dim: int = 2):
+        gen = lambda s: sampler(n, seed=s)
+        super().__init__(lambda: (*gen(seed), None), dim=dim, num_classes=num_classes, batch_size=batch_size,
+                         steps_per_epoch=steps_per_epoch, heldout=lambda: (*gen(seed + 1), None), seed=seed,
+                         name=name)

@@ -1,0 +1,24 @@
+"""Learning-rate schedules as LambdaLR factories (config: lr_scheduler/*.yaml, _partial_)."""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def warmup_cosine(optimizer: Optimizer, warmup_steps: int = 0, total_steps: int = 1000,
+                  min_factor: float = 0.0) -> LambdaLR:
+    """Linear warm-up over warmup_steps, then cosine decay (Loshchilov & Hutter 2017) to min_factor * lr."""
+    if warmup_steps < 0 or total_steps < 1 or not 0 <= min_factor <= 1:
+        raise ValueError(f"warmup_steps={warmup_steps}, total_steps={total_steps}, min_factor={min_factor}: "
+                         "expected >= 0, >= 1 and in [0, 1]")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)

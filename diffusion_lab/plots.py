@@ -1,0 +1,225 @@
+"""Headless matplotlib figures for sample inspection and TensorBoard logging.
+
+Figures are built with ``matplotlib.figure.Figure`` + the Agg canvas directly instead of
+pyplot: no display is needed, the process-global backend is never switched, and figures are
+not registered in pyplot's global registry (so forgetting to close one cannot leak memory in
+long training runs).  No function ever calls ``plt.show``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = [
+    "save_figure",
+    "figure_to_image",
+    "plot_points",
+    "plot_points_grid",
+    "plot_hist1d",
+    "plot_loss_curve",
+    "plot_trajectory",
+]
+
+_REF_STYLE = dict(s=2, c="0.8", alpha=0.5, linewidths=0, rasterized=True)
+_SAMPLE_STYLE = dict(s=3, alpha=0.5, linewidths=0, rasterized=True)
+
+
+def _np(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _new_figure(figsize=(5.0, 5.0)) -> Figure:
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)  # attaches the Agg canvas to fig (fig.canvas)
+    return fig
+
+
+def _limits(*arrays, pad: float = 0.1) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Shared (xlim, ylim) from the finite points of all arrays, so panels are comparable."""
+    pts = np.concatenate([a.reshape(-1, 2) for a in arrays if a is not None and a.size])
+    pts = pts[np.isfinite(pts).all(axis=1)]
+    if not len(pts):
+        return (-1.0, 1.0), (-1.0, 1.0)
+    # Percentiles rather than min/max: a handful of diverged samples should not squash the plot.
+    lo, hi = np.percentile(pts, 0.5, axis=0), np.percentile(pts, 99.5, axis=0)
+    span = np.maximum(hi - lo, 1e-6)
+    lo, hi = lo - pad * span, hi + pad * span
+    return (lo[0], hi[0]), (lo[1], hi[1])
+
+
+def save_figure(fig: Figure, path) -> None:
+    """Write fig as PNG (dpi 120, tight bbox) atomically via temp file + os.replace, then close it."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    # Temp file in the same directory so os.replace is an atomic rename: readers (TensorBoard,
+    # a report builder) never see a half-written PNG.
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    finally:
+        # Only touch pyplot if the caller already uses it (it may own this figure).
+        if "matplotlib.pyplot" in sys.modules:
+            sys.modules["matplotlib.pyplot"].close(fig)
+
+
+def figure_to_image(fig: Figure) -> np.ndarray:
+    """Render fig to a uint8 (H, W, 3) RGB array for SummaryWriter.add_image(..., dataformats='HWC')."""
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def _scatter(ax, samples, reference=None, labels=None, class_names=None) -> None:
+    if reference is not None:
+        ax.scatter(reference[:, 0], reference[:, 1], **_REF_STYLE)
+    if labels is None:
+        ax.scatter(samples[:, 0], samples[:, 1], color="C0", **_SAMPLE_STYLE)
+    else:
+        labels = _np(labels).astype(int).reshape(-1)
+        for i, lab in enumerate(np.unique(labels)):
+            m = labels == lab
+            name = class_names[lab] if class_names is not None else str(lab)
+            ax.scatter(samples[m, 0], samples[m, 1], color=f"C{i % 10}", label=name, **_SAMPLE_STYLE)
+        ax.legend(markerscale=4, fontsize="small", loc="best")
+    ax.set_aspect("equal")
+
+
+def plot_points(samples, reference=None, labels=None, class_names=None, title: str = "") -> Figure:
+    """2D scatter of samples over reference points (grey), optionally coloured by class label."""
+    samples = _np(samples).reshape(-1, 2)
+    reference = None if reference is None else _np(reference).reshape(-1, 2)
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    _scatter(ax, samples, reference, labels, class_names)
+    xlim, ylim = _limits(samples, reference)
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
+    ax.set_title(title)
+    return fig
+
+
+def plot_points_grid(panels: Mapping[str, object], reference=None, title: str = "") -> Figure:
+    """One 2D scatter per named panel (e.g. per-state samples) with shared axis limits."""
+    panels = {k: _np(v).reshape(-1, 2) for k, v in panels.items()}
+    reference = None if reference is None else _np(reference).reshape(-1, 2)
+    n = max(len(panels), 1)
+    ncols = min(n, 4)
+    nrows = math.ceil(n / ncols)
+    fig = _new_figure((3.2 * ncols, 3.2 * nrows + 0.4))
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True).ravel()
+    # Limits follow the reference when available: the question is "does each panel match the data".
+    xlim, ylim = _limits(reference) if reference is not None else _limits(*panels.values())
+    for ax, (name, pts) in zip(axes, panels.items()):
+        _scatter(ax, pts, reference)
+        ax.set_xlim(*xlim)
+        ax.set_ylim(*ylim)
+        ax.set_title(name, fontsize="small")
+    for i, ax in enumerate(axes):
+        if i >= len(panels):
+            ax.set_visible(False)
+        elif i + ncols >= len(panels):  # last panel in its column: keep x tick labels (sharex hides them)
+            ax.tick_params(labelbottom=True)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_hist1d(
+    samples,
+    reference=None,
+    density_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+    bins: int = 100,
+    title: str = "",
+) -> Figure:
+    """Density histogram of 1D samples with reference histogram outline and optional true density."""
+    samples = _np(samples).reshape(-1)
+    samples = samples[np.isfinite(samples)]
+    reference = None if reference is None else _np(reference).reshape(-1)
+    basis = reference if reference is not None else samples
+    lo, hi = np.percentile(basis, [0.1, 99.9]) if basis.size else (-1.0, 1.0)
+    pad = 0.1 * max(hi - lo, 1e-6)
+    # Common bin edges so sample and reference bars are directly comparable.
+    edges = np.linspace(lo - pad, hi + pad, bins + 1)
+    fig = _new_figure((6.0, 4.0))
+    ax = fig.add_subplot()
+    ax.hist(samples, bins=edges, density=True, alpha=0.5, color="C0", label="samples")
+    if reference is not None:
+        ax.hist(reference, bins=edges, density=True, histtype="step", color="k", label="reference")
+    if density_fn is not None:
+        grid = np.linspace(edges[0], edges[-1], 512)
+        ax.plot(grid, np.asarray(density_fn(grid)), color="C3", lw=1.5, label="true density")
+    ax.set_xlim(edges[0], edges[-1])
+    ax.legend(fontsize="small")
+    ax.set_title(title)
+    return fig
+
+
+def plot_loss_curve(steps: Sequence[float], losses: Sequence[float], title: str = "") -> Figure:
+    """Training loss vs step on a log y-axis with a trailing moving average."""
+    steps, losses = _np(steps).reshape(-1), _np(losses).reshape(-1)
+    fig = _new_figure((6.0, 4.0))
+    ax = fig.add_subplot()
+    ax.plot(steps, losses, color="C0", alpha=0.3, lw=0.8, label="loss")
+    window = max(1, len(losses) // 50)
+    if window > 1:
+        # Diffusion losses are very noisy (random t per batch); the average shows the trend.
+        ma = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], ma, color="C1", lw=1.5, label=f"moving avg ({window})")
+    if np.any(losses > 0):
+        ax.set_yscale("log")  # non-positive values are masked by matplotlib on a log axis
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize="small")
+    ax.set_title(title)
+    return fig
+
+
+def plot_trajectory(
+    traj: Sequence[object], times: Sequence[float], max_panels: int = 6, title: str = ""
+) -> Figure:
+    """Snapshots of (N, 2) samples along the reverse process, side by side with shared limits."""
+    if len(traj) != len(times):
+        raise ValueError(f"got {len(traj)} snapshots but {len(times)} times")
+    if not len(traj):
+        raise ValueError("traj is empty")
+    # Evenly spaced snapshots always including the first (noise) and last (data) states.
+    idx = np.unique(np.linspace(0, len(traj) - 1, min(max_panels, len(traj))).round().astype(int))
+    snaps = [_np(traj[i]).reshape(-1, 2) for i in idx]
+    fig = _new_figure((3.0 * len(idx), 3.4))
+    axes = fig.subplots(1, len(idx), squeeze=False, sharex=True, sharey=True).ravel()
+    xlim, ylim = _limits(*snaps)
+    for ax, i, pts in zip(axes, idx, snaps):
+        ax.scatter(pts[:, 0], pts[:, 1], color="C0", **_SAMPLE_STYLE)
+        ax.set_xlim(*xlim)
+        ax.set_ylim(*ylim)
+        ax.set_aspect("equal")
+        ax.set_title(f"t = {float(times[i]):.3g}", fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
+def render_samples(samples, datamodule, labels=None, title: str = "") -> Figure:
+    """The natural picture of low-dimensional samples: a histogram in 1D, a scatter over the data in 2D."""
+    if datamodule.dim == 1:
+        return plot_hist1d(samples, reference=datamodule.reference(),
+                           density_fn=getattr(datamodule, "density", None), title=title)
+    names = getattr(datamodule, "class_names", None)
+    return plot_points(samples, reference=datamodule.reference(), labels=labels, class_names=names, title=title)

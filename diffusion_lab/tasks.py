@@ -1,0 +1,198 @@
+"""Tasks (task=train|sample|evaluate): each writes results.json = {"metrics", "protocol"} in its run dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion_lab import plots
+from diffusion_lab.build import ConfigError, build, build_trainer, check_sampler, load_checkpoint, make, module_state
+from diffusion_lab.metrics import point_metrics
+from diffusion_lab.samplers import nfe
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Atomic JSON write (temp file + rename): a crash never leaves a truncated results.json."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _sampler_protocol(sampler, module) -> dict:
+    fn = getattr(sampler, "func", sampler)
+    kw = dict(getattr(sampler, "keywords", {}))
+    return {"sampler": fn.__name__.removeprefix("sample_"), **kw, "nfe": nfe(sampler, kw.get("steps", 0)),
+            "objective": module.objective.describe(), "schedule": module.objective.schedule.describe()}
+
+
+def generate_and_evaluate(module, datamodule, cfg: DictConfig, run_dir: Path, protocol: dict,
+                          sampler=None) -> dict:
+    """Draw cfg.eval.n_samples with a seeded generator, save them, compute metrics and plots, write results."""
+    ev = cfg.eval
+    sampler = sampler or module.sampler
+    t0 = time.perf_counter()
+    generator = torch.Generator().manual_seed(int(ev.seed))
+    samples = module.sample(int(ev.n_samples), generator=generator, sampler=sampler,
+                            batch_size=ev.get("batch_size")).float().cpu()
+    sample_time = time.perf_counter() - t0
+    torch.save({"samples": samples}, run_dir / "samples.pt")
+    np.savez(run_dir / "samples.npz", samples=samples.numpy())
+    metrics = evaluate_samples(samples, datamodule, run_dir, title=protocol.get("title", ""))
+    protocol = {**protocol, **_sampler_protocol(sampler, module), "n_samples": int(ev.n_samples),
+                "sample_seed": int(ev.seed), "sampling_seconds": round(sample_time, 3),
+                "device": _device_name(module.device)}
+    results = {"metrics": metrics, "protocol": protocol}
+    write_json(run_dir / "results.json", results)
+    return results
+
+
+def evaluate_samples(samples: torch.Tensor, datamodule, run_dir: Path, title: str = "") -> dict:
+    """Low-dimensional metrics (STATES KDE NLL protocol + bandwidth-free distances) and the sample plot."""
+    metrics = point_metrics(samples, datamodule.reference(), datamodule.heldout)
+    plots.save_figure(plots.render_samples(samples, datamodule, title=f"{title} NLL {metrics['nll']:.3f}"),
+                      run_dir / "samples.png")
+    return metrics
+
+
+def _metric_protocol(datamodule) -> dict:
+    return {"data": datamodule.describe(),
+            "nll": "mean -log pdf of samples under scipy.stats.gaussian_kde (Scott bandwidth) fitted on all "
+                   "true points",
+            "energy_distance / sliced_w1": "to held-out points (data.heldout)"}
+
+
+def _save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
+    """Explicit ckpt_path, else the run dir's own last.ckpt (automatic resume after a crash)."""
+    if cfg.get("ckpt_path"):
+        load_checkpoint(cfg.ckpt_path)  # validate before Lightning touches it
+        return str(cfg.ckpt_path)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return str(last) if last.is_file() and cfg.get("auto_resume", True) else None
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Fit, then sample with EMA weights, evaluate and plot."""
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    parts = build(cfg)
+    _save_resolved_config(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir)
+    t0 = time.perf_counter()
+    trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=_resume_path(cfg, run_dir))
+    train_seconds = time.perf_counter() - t0
+    uses_ema = any(type(c).__name__ == "EMA" for c in trainer.callbacks)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    _save_loss_curve(run_dir)
+    protocol = {"task": "train", "checkpoint": str(last), "step": trainer.global_step, "ema": uses_ema,
+                "seed": int(cfg.seed), "train_seconds": round(train_seconds, 2), "title": cfg.get("name", ""),
+                **_metric_protocol(parts.datamodule)}
+    results = generate_and_evaluate(parts.module, parts.datamodule, cfg, run_dir, protocol)
+    results["protocol"]["wall_seconds"] = round(time.perf_counter() - t0, 2)
+    write_json(run_dir / "results.json", results)
+    _log_final(trainer, results, run_dir)
+    return results
+
+
+def _save_loss_curve(run_dir: Path) -> None:
+    """Read the logged train/loss back from TensorBoard's event files and plot it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted(run_dir.rglob("events.out.tfevents.*"))
+    steps, losses = [], []
+    for path in events:
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        if "train/loss" in acc.Tags().get("scalars", []):
+            for ev in acc.Scalars("train/loss"):
+                steps.append(ev.step)
+                losses.append(ev.value)
+    if steps:
+        plots.save_figure(plots.plot_loss_curve(steps, losses, title="train/loss"), run_dir / "loss_curve.png")
+
+
+def _log_final(trainer, results: dict, run_dir: Path) -> None:
+    logger = trainer.logger
+    if logger is None or not hasattr(logger.experiment, "add_scalar"):
+        return
+    for key, value in results["metrics"].items():
+        logger.experiment.add_scalar(f"eval/{key}", value, trainer.global_step)
+    from matplotlib.image import imread
+
+    img = imread(run_dir / "samples.png")[..., :3]
+    logger.experiment.add_image("samples/final_ema", (img * 255).astype("uint8"), trainer.global_step,
+                                dataformats="HWC")
+    logger.experiment.flush()
+
+
+def _restore(cfg: DictConfig) -> tuple:
+    """Checkpoint + its saved config -> (module with weights, datamodule, saved cfg, ckpt, used_ema)."""
+    if not cfg.get("ckpt"):
+        raise ConfigError("ckpt=null: task=sample/evaluate needs ckpt=<path to a .ckpt>")
+    ckpt = load_checkpoint(cfg.ckpt)
+    saved = OmegaConf.create(ckpt["config"])
+    parts = build(saved)
+    state, used_ema = module_state(ckpt, bool(cfg.eval.use_ema))
+    parts.module.load_state_dict(state)
+    return parts, saved, ckpt, used_ema
+
+
+def _sampler_override(cfg: DictConfig, saved: DictConfig, schedule):
+    """The sampler the user asked for on this command line, else the one the model was trained with."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else cfg.get("_overrides", [])
+    chosen = cfg if any(o.lstrip("+~").startswith("sampler") for o in overrides) else saved
+    sampler = make(chosen, "sampler")
+    check_sampler(sampler, schedule)
+    return sampler
+
+
+def sample(cfg: DictConfig, run_dir: Path) -> dict:
+    """Reload a checkpoint with its saved config and draw cfg.eval.n_samples with any sampler."""
+    parts, saved, ckpt, used_ema = _restore(cfg)
+    _save_resolved_config(cfg, run_dir)
+    sampler = _sampler_override(cfg, saved, parts.module.objective.schedule)
+    protocol = {"task": "sample", "checkpoint": str(cfg.ckpt), "step": ckpt.get("global_step"), "ema": used_ema,
+                "seed": int(cfg.seed), "title": saved.get("name", ""), **_metric_protocol(parts.datamodule)}
+    parts.datamodule.setup()
+    return generate_and_evaluate(parts.module, parts.datamodule, cfg, run_dir, protocol, sampler=sampler)
+
+
+def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
+    """Metrics for a sample file (samples=<.pt/.npz>) or, like `sample`, for a checkpoint."""
+    if not cfg.get("samples"):
+        return sample(cfg, run_dir)
+    path = Path(cfg.samples)
+    if not path.is_file():
+        raise ConfigError(f"samples={path}: file not found (expected a samples.pt or samples.npz)")
+    samples = (torch.load(path, weights_only=True)["samples"] if path.suffix == ".pt"
+               else torch.from_numpy(np.load(path)["samples"]))
+    datamodule = make(cfg, "data")
+    datamodule.setup()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = evaluate_samples(samples.float(), datamodule, run_dir, title=path.name)
+    results = {"metrics": metrics, "protocol": {"task": "evaluate", "samples": str(path), "n_samples": len(samples),
+                                                **_metric_protocol(datamodule)}}
+    write_json(run_dir / "results.json", results)
+    return results
