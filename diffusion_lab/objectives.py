@@ -73,7 +73,7 @@ class EpsPrediction(Objective):
         super().__init__(schedule, p_uncond)
         alpha_end, _ = schedule.alpha_sigma(torch.ones(1, dtype=torch.float64))
         if float(alpha_end) <= 0:
-            raise ValueError("objective=eps: x0 = (xt - sigma*eps)/alpha is singular where alpha(t)=0 "
+            raise ValueError("eps-prediction: x0 = (xt - sigma*eps)/alpha is singular where alpha(t)=0 "
                              "(t=1 on the linear path); use objective=velocity, x0 or v")
 
     def target(self, x0, eps, t):

@@ -49,7 +49,7 @@ def test_round_trip(pname, oname):
 
 
 def test_eps_on_linear_path_is_refused():
-    with pytest.raises(ValueError, match="objective=eps"):
+    with pytest.raises(ValueError, match="eps-prediction"):
         O.EpsPrediction(SC.LinearPath())
 
 
