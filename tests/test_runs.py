@@ -66,9 +66,10 @@ def test_bad_checkpoint_is_one_line_error(tmp_path):
 
 
 def test_multirun_over_objectives(tmp_path):
-    proc = run_cli(["-m", "objective=eps,x0,v", *TINY, f"hydra.sweep.dir={tmp_path}"])
+    """`run.py -m objective=eps,x0,v` from another cwd: default sweep dir, one results.json per job."""
+    proc = run_cli(["-m", "objective=eps,x0,v", *TINY], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = sorted(tmp_path.glob("*/results.json"))
+    results = sorted(tmp_path.glob("multirun/states/*/*/results.json"))
     assert len(results) == 3
     names = {json.loads(p.read_text())["protocol"]["objective"]["name"] for p in results}
     assert names == {"eps", "x0", "v"}
