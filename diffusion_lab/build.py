@@ -29,11 +29,21 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def make(cfg: DictConfig, key: str, **kwargs):
-    """instantiate(cfg.<key>) with constructor errors turned into ConfigError('<key>.<arg>=...')."""
+def make(cfg: DictConfig, key: str, optional: bool = False, **kwargs):
+    """instantiate(cfg.<key>) with constructor errors turned into ConfigError('<key>.<arg>=...').
+
+    An optional component (LR schedule, a callback, the logger) that a choice set to null and an
+    experiment then tuned (`lr_scheduler=constant` + the experiment's `lr_scheduler.warmup_steps`)
+    is left out: the node has settings but no `_target_`.
+    """
     node = OmegaConf.select(cfg, key)
     if node is None:
         return None
+    if isinstance(node, DictConfig) and "_target_" not in node:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: no _target_ (got {OmegaConf.to_container(node)}); was it set to null "
+                          "and then partly overridden?")
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as exc:
@@ -77,15 +87,16 @@ def build(cfg: DictConfig) -> Parts:
     check_sampler(sampler, schedule)
     module = DiffusionModule(
         net=net, objective=objective, optimizer=make(cfg, "optimizer"), sampler=sampler,
-        sample_shape=tuple(datamodule.shape), lr_scheduler=make(cfg, "lr_scheduler"), config=resolved(cfg),
+        sample_shape=tuple(datamodule.shape), lr_scheduler=make(cfg, "lr_scheduler", optional=True), config=resolved(cfg),
+        **(cfg.get("train") or {}),
     )
     return Parts(datamodule=datamodule, module=module)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     """Trainer with the configured callbacks (null entries skipped) and logger."""
-    callbacks = [make(cfg, f"callbacks.{name}") for name in (cfg.get("callbacks") or {})]
-    logger = make(cfg, "logger") if cfg.get("logger") is not None else False
+    callbacks = [make(cfg, f"callbacks.{name}", optional=True) for name in (cfg.get("callbacks") or {})]
+    logger = make(cfg, "logger", optional=True) or False
     trainer = make(cfg, "trainer", callbacks=[c for c in callbacks if c is not None], logger=logger,
                    default_root_dir=str(run_dir))
     return trainer

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from diffusion_lab import plots
+from diffusion_lab import imageio, plots
 
 
 class EMA(WeightAveraging):
@@ -32,7 +35,11 @@ class EMA(WeightAveraging):
 
 
 class SampleMonitor(L.Callback):
-    """Every N steps: sample from fixed noise (same seed each time) and log a figure to TensorBoard."""
+    """Every N steps: sample from the same fixed noise and log it (grid for images, scatter for points).
+
+    Uses the raw (not EMA) weights, so the picture shows what the optimizer is doing right now.
+    Image grids are also saved as <run_dir>/monitor/step_XXXXXXX.png.
+    """
 
     def __init__(self, every_n_steps: int = 1000, n: int = 2000, seed: int = 1234):
         self.every_n_steps, self.n, self.seed = every_n_steps, n, seed
@@ -41,10 +48,46 @@ class SampleMonitor(L.Callback):
         step = trainer.global_step
         if self.every_n_steps <= 0 or step % self.every_n_steps or not trainer.is_global_zero:
             return
-        samples = pl_module.sample(self.n, generator=torch.Generator().manual_seed(self.seed))
+        samples = pl_module.sample(self.n, generator=torch.Generator().manual_seed(self.seed)).float().cpu()
         dm = trainer.datamodule
-        fig = plots.render_samples(samples.cpu(), dm, title=f"step {step} (raw weights)")
-        logger = trainer.logger
-        if logger is not None and hasattr(logger.experiment, "add_image"):
-            logger.experiment.add_image("samples/monitor", plots.figure_to_image(fig), step, dataformats="HWC")
+        writer = getattr(trainer.logger, "experiment", None) if trainer.logger else None
+        if getattr(dm, "kind", "points") == "images":
+            grid = imageio.grid_image(samples)
+            imageio.save_grid(samples, Path(trainer.default_root_dir) / "monitor" / f"step_{step:07d}.png")
+            if hasattr(writer, "add_image"):
+                writer.add_image("samples/monitor", grid, step)
+            return
+        fig = plots.render_samples(samples, dm, title=f"step {step} (raw weights)")
+        if hasattr(writer, "add_image"):
+            writer.add_image("samples/monitor", plots.figure_to_image(fig), step, dataformats="HWC")
 
+
+class Throughput(L.Callback):
+    """Training throughput (samples/s) over each logging interval; one host sync per interval.
+
+    Lightning's ThroughputMonitor needs a FLOP/length setup per model; this stays model-agnostic.
+    """
+
+    def __init__(self):
+        self._t0, self._count = None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._t0 is None:
+            self._t0, self._count = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._count += batch["x"].shape[0]
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            elapsed = time.perf_counter() - self._t0
+            pl_module.log("train/samples_per_sec", self._count / max(elapsed, 1e-9))
+            self._t0, self._count = time.perf_counter(), 0
+
+
+class Sleep(L.Callback):
+    """Sleep after every training batch: makes a tiny run slow enough to interrupt in tests and demos."""
+
+    def __init__(self, seconds: float = 0.1):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        time.sleep(self.seconds)

@@ -12,23 +12,58 @@ from diffusion_lab.objectives import Objective
 from diffusion_lab.samplers import make_denoiser
 
 
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss; raised before the optimizer step, so no weight is touched."""
+
+
 class DiffusionModule(L.LightningModule):
-    """Trains `net` with `objective.loss`; `sample` runs `sampler` over the (net, objective) denoiser."""
+    """Trains `net` with `objective.loss`; `sample` runs `sampler` over the (net, objective) denoiser.
+
+    Options: `channels_last` (images), `compile` (torch.compile of the training forward),
+    `nonfinite` ("raise" stops naming the step, "skip" drops the step), `overfit` (fixed t and noise
+    every step: with one fixed batch the loss must go to ~0, a wiring check).
+    """
 
     def __init__(self, net: nn.Module, objective: Objective, optimizer: Callable, sampler: Callable,
                  sample_shape: tuple[int, ...], lr_scheduler: Callable | None = None,
-                 config: dict | None = None):
+                 config: dict | None = None, channels_last: bool = False, compile: bool = False,
+                 nonfinite: str = "raise", overfit: bool = False):
         super().__init__()
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite={nonfinite!r}: expected 'raise' or 'skip'")
         self.net, self.objective, self.sampler = net, objective, sampler
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.sample_shape = tuple(sample_shape)
         self.config = config  # resolved run config, stored in every checkpoint (reload = build + load)
+        self.channels_last = channels_last and len(self.sample_shape) == 3
+        self.nonfinite, self.overfit = nonfinite, overfit
+        self.compile = compile
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        per_sample, t = self.objective.loss(self.net, batch["x"], batch.get("cond"))
+    def _train_net(self):
+        """The net for training forwards: torch.compile'd lazily, kept out of the module tree so the
+        state_dict and the EMA copy only ever see `net`."""
+        if not self.compile:
+            return self.net
+        if "_compiled" not in self.__dict__:
+            self.__dict__["_compiled"] = torch.compile(self.net)
+        return self.__dict__["_compiled"]
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        generator = torch.Generator(self.device).manual_seed(0) if self.overfit else None
+        per_sample, t = self.objective.loss(self._train_net(), self._prepare(batch["x"]), batch.get("cond"),
+                                            generator=generator)
         loss = per_sample.mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {float(loss)} at step {self.global_step}")
+        if not torch.isfinite(loss):  # one host sync per step: the price of never saving NaN weights
+            if self.nonfinite == "skip":
+                self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
+                return None  # Lightning skips backward and the optimizer step
+            raise NonFiniteLossError(f"non-finite training loss ({float(loss)}) at step {self.global_step}; "
+                                     "no checkpoint was written with it")
         self.log("train/loss", loss, prog_bar=True)
         # Loss per timestep quartile: where in t the model is still bad (t=0 data, t=1 noise).
         quartile = (t * 4).ceil().clamp(1, 4).long() - 1
@@ -37,6 +72,13 @@ class DiffusionModule(L.LightningModule):
         for q, value in enumerate(sums / counts):
             self.log(f"train/loss_t_q{q + 1}", value)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Grad norm only on logging steps: computing it every step would add a host sync.
+        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+            if grads:
+                self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.net.parameters())
@@ -60,10 +102,20 @@ class DiffusionModule(L.LightningModule):
             sl = slice(start, start + batch_size)
             c = None if cond is None else cond[sl].to(self.device)
             denoise = make_denoiser(self.net, self.objective, c)
-            out.append(sampler(denoise, self.objective.schedule, noise[sl], generator=generator,
+            out.append(sampler(denoise, self.objective.schedule, self._prepare(noise[sl]), generator=generator,
                                callback=callback))
         self.net.train(was_training)
-        return torch.cat(out)
+        return torch.cat(out).contiguous()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["config"] = self.config
+        # Global RNG (t and eps draws, dropout) so a resumed run continues the same random stream.
+        checkpoint["rng"] = {"torch": torch.get_rng_state(),
+                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])

@@ -22,3 +22,10 @@ def warmup_cosine(optimizer: Optimizer, warmup_steps: int = 0, total_steps: int 
         return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
+
+
+def exponential_decay(optimizer: Optimizer, final_factor: float = 0.1, total_steps: int = 1000) -> LambdaLR:
+    """lr * final_factor^(step / total_steps): CS180's ExponentialLR(gamma=0.1^(1/epochs)), smoothed per step."""
+    if not 0 < final_factor <= 1 or total_steps < 1:
+        raise ValueError(f"final_factor={final_factor}, total_steps={total_steps}: expected (0, 1] and >= 1")
+    return LambdaLR(optimizer, lambda step: final_factor ** (min(step, total_steps) / total_steps))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab import plots
+from diffusion_lab import imageio, plots
 from diffusion_lab.build import ConfigError, build, build_trainer, check_sampler, load_checkpoint, make, module_state
 from diffusion_lab.metrics import point_metrics
 from diffusion_lab.samplers import nfe
@@ -42,25 +42,53 @@ def _sampler_protocol(sampler, module) -> dict:
             "objective": module.objective.describe(), "schedule": module.objective.schedule.describe()}
 
 
+class _Frames:
+    """Sampler callback keeping ~n_frames snapshots of the first `keep` samples (trajectory strip, GIF)."""
+
+    def __init__(self, steps: int, keep: int = 16, n_frames: int = 20):
+        self.every, self.keep, self.frames = max(1, steps // n_frames), keep, []
+
+    def __call__(self, i: int, t: float, x: torch.Tensor) -> None:
+        if len(self.frames) == 0 or i % self.every == 0 or t == 0:
+            self.frames.append(x[: self.keep].float().cpu())
+
+
 def generate_and_evaluate(module, datamodule, cfg: DictConfig, run_dir: Path, protocol: dict,
                           sampler=None) -> dict:
     """Draw cfg.eval.n_samples with a seeded generator, save them, compute metrics and plots, write results."""
     ev = cfg.eval
     sampler = sampler or module.sampler
+    images = getattr(datamodule, "kind", "points") == "images"
+    frames = _Frames(dict(getattr(sampler, "keywords", {})).get("steps", 1)) if images else None
     t0 = time.perf_counter()
     generator = torch.Generator().manual_seed(int(ev.seed))
     samples = module.sample(int(ev.n_samples), generator=generator, sampler=sampler,
-                            batch_size=ev.get("batch_size")).float().cpu()
+                            batch_size=ev.get("batch_size"), callback=frames).float().cpu()
     sample_time = time.perf_counter() - t0
     torch.save({"samples": samples}, run_dir / "samples.pt")
     np.savez(run_dir / "samples.npz", samples=samples.numpy())
-    metrics = evaluate_samples(samples, datamodule, run_dir, title=protocol.get("title", ""))
+    if images:
+        metrics = evaluate_images(samples, run_dir, frames.frames if frames else None)
+    else:
+        metrics = evaluate_samples(samples, datamodule, run_dir, title=protocol.get("title", ""))
     protocol = {**protocol, **_sampler_protocol(sampler, module), "n_samples": int(ev.n_samples),
                 "sample_seed": int(ev.seed), "sampling_seconds": round(sample_time, 3),
                 "device": _device_name(module.device)}
     results = {"metrics": metrics, "protocol": protocol}
     write_json(run_dir / "results.json", results)
     return results
+
+
+def evaluate_images(samples: torch.Tensor, run_dir: Path, frames: list | None = None) -> dict:
+    """Image outputs: a PNG grid, one PNG per image (for external FID tools), the denoising strip and GIF."""
+    imageio.save_grid(samples[:64], run_dir / "samples.png")
+    imageio.export_pngs(samples, run_dir / "samples")
+    if frames:
+        strip = imageio.trajectory_strip(frames, n_rows=min(4, len(frames[0])))
+        imageio.save_grid(strip[None], run_dir / "trajectory.png", nrow=1)
+        imageio.save_gif([imageio.grid_image(f) for f in frames], run_dir / "sampling.gif")
+    u8 = imageio.to_uint8(samples).float()
+    return {"n_images": len(samples), "pixel_mean": float(u8.mean()), "pixel_std": float(u8.std())}
 
 
 def evaluate_samples(samples: torch.Tensor, datamodule, run_dir: Path, title: str = "") -> dict:
@@ -72,6 +100,8 @@ def evaluate_samples(samples: torch.Tensor, datamodule, run_dir: Path, title: st
 
 
 def _metric_protocol(datamodule) -> dict:
+    if getattr(datamodule, "kind", "points") == "images":
+        return {"data": datamodule.describe()}
     return {"data": datamodule.describe(),
             "nll": "mean -log pdf of samples under scipy.stats.gaussian_kde (Scott bandwidth) fitted on all "
                    "true points",

@@ -27,8 +27,11 @@ def test_every_choice_composes_and_builds(group, choice, tmp_path):
         overrides.append("schedule=linear")
     if group == "schedule" and choice == "rectified_flow":
         overrides += ["objective=velocity", "sampler=euler"]
-    if group == "experiment" and "rf" in choice:
-        pass
+    image_data = {"mnist", "cifar10", "celeba64", "imagefolder"}
+    if group == "data" and choice in image_data:
+        overrides.append("model=unet_tiny")
+    if group == "model" and choice != "mlp":
+        overrides.append("data=" + {"unet_celeba64": "celeba64", "unet_cifar": "cifar10"}.get(choice, "mnist"))
     cfg = compose_cfg(overrides, tmp_path)
     parts = build(cfg)
     assert parts.module.sample_shape == tuple(parts.datamodule.shape)

@@ -17,11 +17,17 @@ from diffusion_lab.data import points as P
 
 
 class InMemoryBatches:
-    """Iterable of `steps` batches {"x", "cond"} drawn without replacement (reshuffled per pass)."""
+    """Iterable of `steps` batches {"x", "cond"} drawn without replacement (reshuffled per pass).
 
-    def __init__(self, x: torch.Tensor, cond: torch.Tensor | None, batch_size: int, steps: int, seed: int):
+    `transform` maps a stored batch to training form (e.g. uint8 -> [-1, 1] + random flip) on the
+    device, per batch. `fixed=True` repeats the first batch (debug=overfit).
+    """
+
+    def __init__(self, x: torch.Tensor, cond: torch.Tensor | None, batch_size: int, steps: int, seed: int,
+                 transform: Callable | None = None, fixed: bool = False):
         self.x, self.cond, self.batch_size, self.steps, self.seed = x, cond, batch_size, steps, seed
-        self.epoch = 0
+        self.transform, self.fixed = transform, fixed
+        self.epoch, self.position = 0, 0  # position: batches already yielded in the current epoch
 
     def __len__(self) -> int:
         return self.steps
@@ -31,26 +37,37 @@ class InMemoryBatches:
         self.cond = None if self.cond is None else self.cond.to(device)
         return self
 
-    def __iter__(self):
+    def _indices(self):
+        """The epoch's index batches, a pure function of (seed, epoch): resumable at any position."""
         n = self.x.shape[0]
         g = torch.Generator(device=self.x.device).manual_seed(self.seed * 100_003 + self.epoch)
-        self.epoch += 1
-        perm = torch.randperm(n, generator=g, device=self.x.device)
-        pos = 0
+        perm, pos = torch.randperm(n, generator=g, device=self.x.device), 0
         for _ in range(self.steps):
+            if self.fixed:
+                yield perm[: self.batch_size]
+                continue
             if pos + self.batch_size > n:  # start a new pass over the data
                 perm, pos = torch.randperm(n, generator=g, device=self.x.device), 0
-            idx = perm[pos: pos + self.batch_size]
+            yield perm[pos: pos + self.batch_size]
             pos += self.batch_size
-            yield {"x": self.x[idx], "cond": None if self.cond is None else self.cond[idx]}
+
+    def __iter__(self):
+        skip = self.position  # > 0 only right after load_state_dict (mid-epoch resume)
+        for i, idx in enumerate(self._indices()):
+            if i < skip:
+                continue
+            self.position = i + 1
+            batch = {"x": self.x[idx], "cond": None if self.cond is None else self.cond[idx]}
+            yield self.transform(batch, self.seed * 7919 + self.epoch * 100_003 + i) if self.transform else batch
+        self.epoch, self.position = self.epoch + 1, 0
 
     # Lightning saves/restores these with the fit loop (stateful iterables), so a resumed run
     # continues with the same batch order as an uninterrupted one.
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch}
+        return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
+        self.epoch, self.position = int(state["epoch"]), int(state.get("position", 0))
 
 
 class PointsDataModule(L.LightningDataModule):
@@ -60,13 +77,14 @@ class PointsDataModule(L.LightningDataModule):
 
     def __init__(self, source: Callable, dim: int, num_classes: int = 0, batch_size: int = 5000,
                  steps_per_epoch: int = 100, heldout: Callable | None = None, seed: int = 0,
-                 name: str = "points"):
+                 name: str = "points", overfit: bool = False):
         super().__init__()
         if batch_size < 1 or steps_per_epoch < 1:
             raise ValueError(f"batch_size={batch_size}, steps_per_epoch={steps_per_epoch}: expected >= 1")
         self.source, self.heldout_source = source, heldout
         self.dim, self.num_classes, self.name = dim, num_classes, name
         self.batch_size, self.steps_per_epoch, self.seed = batch_size, steps_per_epoch, seed
+        self.overfit = overfit
         self.data: torch.Tensor | None = None
         self._loader: InMemoryBatches | None = None
 
@@ -91,7 +109,7 @@ class PointsDataModule(L.LightningDataModule):
             self.setup()
             cond = self.labels if self.num_classes else None
             self._loader = InMemoryBatches(self.data, cond, min(self.batch_size, len(self.data)),
-                                           self.steps_per_epoch, self.seed)
+                                           self.steps_per_epoch, self.seed, fixed=self.overfit)
         return self._loader
 
     def reference(self) -> torch.Tensor:
@@ -122,7 +140,7 @@ class StatesDataModule(PointsDataModule):
 
     def __init__(self, path: str | None = None, heldout_path: str | None = None, num_classes: int = 5,
                  batch_size: int = 5000, steps_per_epoch: int = 100, seed: int = 0, standardize: bool = False,
-                 dim: int = 2):
+                 dim: int = 2, overfit: bool = False):
         if path is None and heldout_path is None:
             heldout_path = str(P.STATES_ASSET.with_name("states_heldout.npz"))
         source = _states_source(path)
@@ -131,7 +149,8 @@ class StatesDataModule(PointsDataModule):
             source = lambda: _standardized(*raw())
         heldout = (lambda: P.load_points_file(heldout_path)) if heldout_path else None
         super().__init__(source, dim=dim, num_classes=num_classes, batch_size=batch_size,
-                         steps_per_epoch=steps_per_epoch, heldout=heldout, seed=seed, name="states")
+                         steps_per_epoch=steps_per_epoch, heldout=heldout, seed=seed, name="states",
+                         overfit=overfit)
 
 
 def _standardized(data, labels, names):
@@ -144,13 +163,13 @@ class Gmm1dDataModule(PointsDataModule):
 
     def __init__(self, means=(-2.0, 0.5, 3.0), stds=(0.4, 0.3, 0.6), weights=(0.3, 0.5, 0.2), n: int = 5000,
                  batch_size: int = 5000, steps_per_epoch: int = 100, seed: int = 0, num_classes: int = 0,
-                 dim: int = 1):
+                 dim: int = 1, overfit: bool = False):
         self.means, self.stds = np.asarray(means, float), np.asarray(stds, float)
         self.weights = np.asarray(weights, float) / np.sum(weights)
         gen = lambda s: P.sample_gmm1d(n, means, stds, weights, seed=s)
         super().__init__(lambda: (*gen(seed), None), dim=dim, num_classes=num_classes, batch_size=batch_size,
                          steps_per_epoch=steps_per_epoch, heldout=lambda: (*gen(seed + 1), None), seed=seed,
-                         name="gmm1d")
+                         name="gmm1d", overfit=overfit)
 
     def density(self, x: np.ndarray) -> np.ndarray:
         """Mixture pdf sum_k w_k N(x; mu_k, s_k^2)."""
@@ -162,8 +181,9 @@ class ToyDataModule(PointsDataModule):
     """Classic 2D toys (moons, eight gaussians, swiss roll) from a sampler `fn(n, seed=...)`."""
 
     def __init__(self, sampler: Callable, n: int = 5000, num_classes: int = 0, batch_size: int = 5000,
-                 steps_per_epoch: int = 100, seed: int = 0, name: str = "toy", dim: int = 2):
+                 steps_per_epoch: int = 100, seed: int = 0, name: str = "toy", dim: int = 2,
+                 overfit: bool = False):
         gen = lambda s: sampler(n, seed=s)
         super().__init__(lambda: (*gen(seed), None), dim=dim, num_classes=num_classes, batch_size=batch_size,
                          steps_per_epoch=steps_per_epoch, heldout=lambda: (*gen(seed + 1), None), seed=seed,
-                         name=name)
+                         name=name, overfit=overfit)

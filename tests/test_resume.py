@@ -1,0 +1,55 @@
+"""Checkpoint/resume: a run killed with SIGKILL resumes and ends with the same weights as an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from helpers import FAST, REPO, run_cli
+
+RUN = [*FAST, "trainer.max_steps=40", "data.batch_size=256", "callbacks.checkpoint.every_n_train_steps=10",
+       "eval.n_samples=100", "timesteps=50", "sampler.steps=10", "data.steps_per_epoch=25",
+       "model.hidden=64", "callbacks.ema.start_step=5"]
+
+
+def final_state(run_dir):
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    return ckpt
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
+    proc = run_cli([*RUN, f"hydra.run.dir={ref_dir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # Same run, but slowed down so it can be killed between checkpoints, then SIGKILLed.
+    args = [sys.executable, str(REPO / "run.py"), *RUN, f"hydra.run.dir={killed_dir}",
+            "+callbacks.slow._target_=diffusion_lab.callbacks.Sleep", "+callbacks.slow.seconds=0.05"]
+    child = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    step20 = killed_dir / "checkpoints" / "step0000020.ckpt"
+    deadline = time.time() + 300
+    while not step20.exists() and time.time() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert step20.exists(), "the run never reached its step-20 checkpoint"
+    assert not (killed_dir / "results.json").exists(), "killed too late: the run had finished"
+    killed_at = torch.load(killed_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 20 <= killed_at < 40
+
+    # Re-running the same command in the same run dir resumes automatically from last.ckpt.
+    proc = run_cli([*RUN, f"hydra.run.dir={killed_dir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref, res = final_state(ref_dir), final_state(killed_dir)
+    assert res["global_step"] == ref["global_step"] == 40
+    for key in ("state_dict", "current_model_state"):  # EMA weights and raw weights
+        assert ref[key].keys() == res[key].keys()
+        for name in ref[key]:
+            assert torch.equal(ref[key][name], res[key][name]), (key, name)
+    opt_ref, opt_res = ref["optimizer_states"][0]["state"], res["optimizer_states"][0]["state"]
+    for i in opt_ref:
+        assert torch.equal(opt_ref[i]["exp_avg"], opt_res[i]["exp_avg"])
