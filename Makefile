@@ -8,7 +8,7 @@ ARGS    ?=
 PYTEST_ARGS ?=
 LOGDIR  ?= outputs
 
-.PHONY: install run test test-slow lint format tensorboard clean
+.PHONY: install run test test-slow lint format tensorboard bench clean
 
 install: $(STAMP)
 
@@ -38,6 +38,9 @@ format: install
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir $(LOGDIR) --bind_all
+
+bench: install
+	$(BIN)/python benchmarks/bench.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -16,6 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion_lab.checkpoint_io import AtomicCheckpointIO
 from diffusion_lab.lit import DiffusionModule
 
 
@@ -87,7 +88,8 @@ def build(cfg: DictConfig) -> Parts:
     check_sampler(sampler, schedule)
     module = DiffusionModule(
         net=net, objective=objective, optimizer=make(cfg, "optimizer"), sampler=sampler,
-        sample_shape=tuple(datamodule.shape), lr_scheduler=make(cfg, "lr_scheduler", optional=True), config=resolved(cfg),
+        sample_shape=tuple(datamodule.shape), lr_scheduler=make(cfg, "lr_scheduler", optional=True),
+        config=resolved(cfg),
         **(cfg.get("train") or {}),
     )
     return Parts(datamodule=datamodule, module=module)
@@ -98,7 +100,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     callbacks = [make(cfg, f"callbacks.{name}", optional=True) for name in (cfg.get("callbacks") or {})]
     logger = make(cfg, "logger", optional=True) or False
     trainer = make(cfg, "trainer", callbacks=[c for c in callbacks if c is not None], logger=logger,
-                   default_root_dir=str(run_dir))
+                   default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
     return trainer
 
 

@@ -41,6 +41,12 @@ class DiffusionModule(L.LightningModule):
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
 
+    def on_fit_start(self) -> None:
+        # Small datasets live on the training device: batches are then index draws, no H2D copies.
+        to_device = getattr(self.trainer.datamodule, "to_device", None)
+        if to_device is not None:
+            to_device(self.device)
+
     def _train_net(self):
         """The net for training forwards: torch.compile'd lazily, kept out of the module tree so the
         state_dict and the EMA copy only ever see `net`."""
@@ -62,7 +68,7 @@ class DiffusionModule(L.LightningModule):
             if self.nonfinite == "skip":
                 self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
                 return None  # Lightning skips backward and the optimizer step
-            raise NonFiniteLossError(f"non-finite training loss ({float(loss)}) at step {self.global_step}; "
+            raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at step {self.global_step}; "
                                      "no checkpoint was written with it")
         self.log("train/loss", loss, prog_bar=True)
         # Loss per timestep quartile: where in t the model is still bad (t=0 data, t=1 noise).

@@ -134,3 +134,35 @@ class VelocityPrediction(Objective):
         d_alpha, d_sigma = self._dcoeffs(t, xt)
         det = alpha * d_sigma - sigma * d_alpha
         return (d_sigma * xt - sigma * out) / det, (alpha * out - d_alpha * xt) / det
+
+
+class FixedSigmaDenoising:
+    """CS180 part 1 (not diffusion): a one-step denoiser D(x0 + sigma*eps) -> x0 at one fixed sigma.
+
+    Same `loss` contract as the diffusion objectives so the same DiffusionModule trains it; `schedule`
+    is accepted for the uniform build signature and not used.
+    """
+
+    name = "fixed_sigma"
+
+    def __init__(self, schedule=None, sigma: float = 0.5):
+        if sigma <= 0:
+            raise ValueError(f"sigma={sigma}: expected > 0")
+        self.schedule, self.sigma = schedule, sigma
+
+    def denoise(self, net, z: Tensor, sigma: float | None = None) -> Tensor:
+        """D(z): the net applied to a noisy image (its t input carries sigma, ignored when unconditioned)."""
+        t = torch.full((z.shape[0],), float(self.sigma if sigma is None else sigma), device=z.device)
+        return net(z, t, None)
+
+    def loss(self, net, x0: Tensor, cond: Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """L2 between D(x0 + sigma eps) and x0; returns per-sample loss and t (= sigma)."""
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        out = self.denoise(net, x0 + self.sigma * eps)
+        out = out.to(torch.promote_types(out.dtype, torch.float32))
+        per_sample = ((out - x0) ** 2).flatten(1).mean(1)
+        return per_sample, torch.full_like(per_sample, min(self.sigma, 1.0))
+
+    def describe(self) -> dict:
+        return {"name": self.name, "sigma": self.sigma}

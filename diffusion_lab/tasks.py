@@ -169,9 +169,10 @@ def _log_final(trainer, results: dict, run_dir: Path) -> None:
         logger.experiment.add_scalar(f"eval/{key}", value, trainer.global_step)
     from matplotlib.image import imread
 
-    img = imread(run_dir / "samples.png")[..., :3]
-    logger.experiment.add_image("samples/final_ema", (img * 255).astype("uint8"), trainer.global_step,
-                                dataformats="HWC")
+    for name, tag in (("samples.png", "samples/final"), ("trajectory.png", "samples/trajectory")):
+        if (run_dir / name).is_file():
+            img = imread(run_dir / name)[..., :3]
+            logger.experiment.add_image(tag, (img * 255).astype("uint8"), trainer.global_step, dataformats="HWC")
     logger.experiment.flush()
 
 
@@ -224,5 +225,39 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     metrics = evaluate_samples(samples.float(), datamodule, run_dir, title=path.name)
     results = {"metrics": metrics, "protocol": {"task": "evaluate", "samples": str(path), "n_samples": len(samples),
                                                 **_metric_protocol(datamodule)}}
+    write_json(run_dir / "results.json", results)
+    return results
+
+
+def explore(cfg: DictConfig, run_dir: Path) -> dict:
+    """Look at the data: a grid of random training images (scatter for points) and basic statistics."""
+    datamodule = make(cfg, "data")
+    datamodule.setup()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    stats = {**datamodule.describe()}
+    if getattr(datamodule, "kind", "points") == "images":
+        real = datamodule.real_uint8("train", n=int(cfg.get("explore_n", 64)))
+        imageio.save_grid(real, run_dir / "data_grid.png")
+        f = real.float()
+        stats |= {"pixel_mean_per_channel": f.mean((0, 2, 3)).tolist(),
+                  "pixel_std_per_channel": f.std((0, 2, 3)).tolist(), "grid_images": len(real)}
+        image = imageio.grid_image(real)
+    else:
+        data = datamodule.reference()
+        pick = data[torch.randperm(len(data), generator=g)[:2000]]
+        fig = plots.render_samples(pick, datamodule, title=f"{datamodule.name}: 2000 training points")
+        plots.save_figure(fig, run_dir / "data_grid.png")
+        stats |= {"mean": data.mean(0).tolist(), "std": data.std(0).tolist()}
+        image = torch.from_numpy(plots.figure_to_image(fig)).permute(2, 0, 1)
+    labels = getattr(datamodule, "labels", None)
+    if labels is not None:
+        stats["class_counts"] = torch.bincount(labels.flatten().long()).tolist()
+    logger = make(cfg, "logger", optional=True)
+    if logger is not None and hasattr(logger.experiment, "add_image"):
+        logger.experiment.add_image("data/train_grid", image, 0)
+        logger.experiment.add_text("data/stats", f"```\n{json.dumps(stats, indent=1)}\n```", 0)
+        logger.experiment.flush()
+    results = {"metrics": {}, "protocol": {"task": "explore", "seed": int(cfg.seed)}, "stats": stats}
     write_json(run_dir / "results.json", results)
     return results

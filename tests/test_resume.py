@@ -53,3 +53,50 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     opt_ref, opt_res = ref["optimizer_states"][0]["state"], res["optimizer_states"][0]["state"]
     for i in opt_ref:
         assert torch.equal(opt_ref[i]["exp_avg"], opt_res[i]["exp_avg"])
+
+
+def test_checkpoint_write_is_atomic_and_read_is_code_free(tmp_path):
+    from diffusion_lab.checkpoint_io import AtomicCheckpointIO
+
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("crash while writing")
+
+    try:
+        io.save_checkpoint({"step": 2, "w": Boom()}, path)
+    except RuntimeError:
+        pass
+    assert io.load_checkpoint(path)["step"] == 1  # the old checkpoint survived the failed write
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left behind
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code executed",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.ckpt")
+    import pickle
+
+    try:
+        io.load_checkpoint(tmp_path / "evil.ckpt")
+        raise AssertionError("weights_only load accepted an arbitrary callable")
+    except pickle.UnpicklingError:
+        pass
+
+
+def test_ema_update_matches_closed_form_with_and_without_warmup():
+    """After updates with constant model weights w_k, EMA = the decayed average (independent recursion)."""
+    from diffusion_lab.callbacks import ema_multi_avg_fn
+
+    for warmup in (False, True):
+        ema = [torch.zeros(3)]
+        expect = torch.zeros(3)
+        fn = ema_multi_avg_fn(0.9, warmup)
+        for n in range(1, 30):
+            w = torch.full((3,), float(n))
+            fn(ema, [w], n)
+            d = min(0.9, (1 + n) / (10 + n)) if warmup else 0.9
+            expect = d * expect + (1 - d) * w
+        torch.testing.assert_close(ema[0], expect)

@@ -155,7 +155,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def load_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
         """(uint8 images (N, C, H, W), int64 labels (N,) or None, class names) of one split."""
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: each dataset reads its own files
 
     def setup(self, stage: str | None = None) -> None:
         if self.data is not None:
@@ -175,6 +175,12 @@ class ImageDataModule(L.LightningDataModule):
         if self.num_classes not in (0, len(names)):
             raise ValueError(f"num_classes={self.num_classes}: expected 0 (unconditional) or {len(names)} "
                              f"(the classes of {self.name})")
+
+    def to_device(self, device) -> None:
+        """Move the in-memory training tensor (and its batches) to the training device."""
+        loader = self.train_dataloader()
+        if hasattr(loader, "to"):  # streaming loaders (imagefolder) stay on the host
+            loader.to(device)
 
     def train_dataloader(self):
         if self._loader is None:

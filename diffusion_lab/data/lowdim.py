@@ -104,6 +104,10 @@ class PointsDataModule(L.LightningDataModule):
         self.class_names = names or [str(i) for i in range(self.num_classes)]
         self.heldout = None if self.heldout_source is None else _unpack(self.heldout_source())[0]
 
+    def to_device(self, device) -> None:
+        """Move the in-memory training tensor (and its batches) to the training device."""
+        self.train_dataloader().to(device)
+
     def train_dataloader(self) -> InMemoryBatches:
         if self._loader is None:
             self.setup()
