@@ -155,7 +155,7 @@ def main(argv=None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for preset in args.presets.split(","):
-        steps = {"simple_unet": 20, "unet_cifar": 6}[preset] // (3 if args.quick else 1) or 2
+        steps = {"simple_unet": 60, "unet_cifar": 8}[preset] // (3 if args.quick else 1) or 2
         cases = [("32-true", False, True), ("bf16-mixed", False, True), ("bf16-mixed", True, True),
                  ("32-true", True, True), ("bf16-mixed", True, False)]
         for precision, cl, resident in cases:
