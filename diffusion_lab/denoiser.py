@@ -10,7 +10,6 @@ import torch
 from omegaconf import DictConfig
 
 from diffusion_lab import imageio
-from diffusion_lab.build import build, build_trainer
 
 SIGMAS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)
 
@@ -48,15 +47,10 @@ class DenoiserFigures(L.Callback):
 
 def train_denoiser(cfg: DictConfig, run_dir: Path) -> dict:
     """Fit the one-step denoiser; write the CS180 part-1 figures and test MSE per sigma to results.json."""
-    from diffusion_lab.tasks import _save_loss_curve, _save_resolved_config, write_json
+    from diffusion_lab.tasks import fit, write_json
 
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    parts = build(cfg)
-    _save_resolved_config(cfg, run_dir)
-    trainer = build_trainer(cfg, run_dir)
     t0 = time.perf_counter()
-    trainer.fit(parts.module, datamodule=parts.datamodule)
-    _save_loss_curve(run_dir)
+    parts, trainer, _ = fit(cfg, run_dir)
     module, dm = parts.module, parts.datamodule
     x0 = _test_images(dm, 8)
     g = torch.Generator().manual_seed(0)

@@ -50,6 +50,31 @@ def guided_net(net, scale: float):
     return forward
 
 
+def classifier_guided(denoise: Denoiser, classifier, cond: Tensor, scale: float, path: NoisePath,
+                      chunk: int = 4096) -> Denoiser:
+    """Classifier guidance (Dhariwal & Nichol 2021): eps_hat - scale * sigma(t) * grad log p(cond | xt, t).
+
+    x0_hat moves consistently (xt = alpha x0_hat + sigma eps_hat still holds), so every sampler and
+    every objective can use it. The gradient is taken in chunks of `chunk` rows to bound memory.
+    """
+
+    def guided(xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        x0_hat, eps_hat = denoise(xt, t)
+        grads = []
+        with torch.enable_grad():
+            for sl in torch.split(torch.arange(xt.shape[0], device=xt.device), chunk):
+                x = xt[sl].detach().requires_grad_(True)
+                logp = torch.log_softmax(classifier(x, t[sl]).float(), dim=-1)
+                picked = logp.gather(1, cond[sl].long()[:, None]).sum()
+                grads.append(torch.autograd.grad(picked, x)[0])
+        grad = torch.cat(grads).to(eps_hat.dtype)
+        alpha, sigma = (v.to(eps_hat.dtype).reshape(-1, *[1] * (xt.ndim - 1)) for v in path.alpha_sigma(t))
+        eps_new = eps_hat - scale * sigma * grad
+        return x0_hat + scale * sigma**2 / alpha.clamp(min=1e-8) * grad, eps_new
+
+    return guided
+
+
 def _coefficients(path: NoisePath, steps: int) -> tuple[list[float], list[float], list[float]]:
     """Grid times and alpha/sigma on them as python floats (computed once per sampling call)."""
     ts = path.grid(steps)

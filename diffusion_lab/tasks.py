@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab import imageio, plots
 from diffusion_lab.build import ConfigError, build, build_trainer, check_sampler, load_checkpoint, make, module_state
+from diffusion_lab.callbacks import EMA
 from diffusion_lab.metrics import point_metrics
 from diffusion_lab.samplers import nfe
 
@@ -122,18 +123,25 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(last) if last.is_file() and cfg.get("auto_resume", True) else None
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Fit, then sample with EMA weights, evaluate and plot."""
+def fit(cfg: DictConfig, run_dir: Path):
+    """Seed, build, save the resolved config, fit (resuming when a checkpoint exists), plot the loss curve."""
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     parts = build(cfg)
     _save_resolved_config(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir)
     t0 = time.perf_counter()
     trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=_resume_path(cfg, run_dir))
-    train_seconds = time.perf_counter() - t0
-    uses_ema = any(type(c).__name__ == "EMA" for c in trainer.callbacks)
-    last = run_dir / "checkpoints" / "last.ckpt"
+    seconds = time.perf_counter() - t0
     _save_loss_curve(run_dir)
+    return parts, trainer, seconds
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Fit, then sample with EMA weights, evaluate and plot."""
+    t0 = time.perf_counter()
+    parts, trainer, train_seconds = fit(cfg, run_dir)
+    uses_ema = any(isinstance(c, EMA) for c in trainer.callbacks)
+    last = run_dir / "checkpoints" / "last.ckpt"
     protocol = {"task": "train", "checkpoint": str(last), "step": trainer.global_step, "ema": uses_ema,
                 "seed": int(cfg.seed), "train_seconds": round(train_seconds, 2), "title": cfg.get("name", ""),
                 **_metric_protocol(parts.datamodule)}

@@ -58,7 +58,7 @@ def test_invalid_values_name_the_key(override, expect, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["objective=foo"], "error: objective=foo: unknown choice; allowed: eps, v, velocity, x0"),
+    (["objective=foo"], "error: objective=foo: unknown choice; allowed: eps, fixed_sigma, v, velocity, x0"),
     (["sampler.steps=0"], "error: sampler.steps=0: expected an integer >= 1"),
     (["schedule.T=-3"], "error: schedule.T=-3: expected an integer >= 1"),
     (["-m", "sampler=ddim,nope"], "error: sampler=nope: unknown choice; allowed: ancestral, ddim, euler, heun"),

@@ -17,6 +17,7 @@ from diffusion_lab.lit import NonFiniteLossError
 
 SHARED_MNIST = REPO.parent / "shared" / "data"
 QUIET = ["callbacks.progress=null"]
+COVERED = {"mnist_ddpm", "cifar10_ddpm", "celeba64_ddpm", "mnist_denoiser"}  # experiments run below
 
 
 def mnist_root(tmp_path: Path) -> Path:

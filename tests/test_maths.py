@@ -12,7 +12,15 @@ from diffusion_lab import objectives as O
 from diffusion_lab import samplers as S
 from diffusion_lab import schedules as SC
 
-torch.set_default_dtype(torch.float64)  # the oracle tests compare against closed forms: no fp32 noise
+
+@pytest.fixture(autouse=True)
+def float64():
+    """The oracle tests compare against closed forms: no fp32 noise (restored for other test modules)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
 
 DISCRETE = {
     "linear1000": lambda: SC.LinearSchedule(T=1000),
@@ -244,3 +252,34 @@ def test_cfg_scale_one_is_conditional_and_zero_unconditional(oname):
         got = S.make_denoiser(S.guided_net(net, scale), obj, cond)(xt, t)
         torch.testing.assert_close(got[0], want[0])
         torch.testing.assert_close(got[1], want[1])
+
+
+def test_classifier_guidance_moves_samples_to_the_requested_class():
+    """Two-class 1D mixture, closed-form denoiser and Bayes classifier on xt: guided samples land in class y."""
+    path = SC.LinearSchedule(T=200, scale_with_T=True)
+    obj = O.EpsPrediction(path)
+    mus, tau = torch.tensor([-2.0, 2.0]), 0.4
+
+    def component_logits(xt, t):  # log N(xt; alpha mu_k, alpha^2 tau^2 + sigma^2) per component k
+        alpha, sigma = (v[:, None] for v in path.alpha_sigma(t))
+        var = alpha**2 * tau**2 + sigma**2
+        return -0.5 * (xt - alpha * mus) ** 2 / var - 0.5 * torch.log(var)
+
+    def net(xt, t, cond=None):  # ideal eps for the equal-weight mixture: posterior-weighted per component
+        alpha, sigma = (v[:, None] for v in path.alpha_sigma(t))
+        w = torch.softmax(component_logits(xt, t), dim=1)
+        x0_k = mus + alpha * tau**2 / (alpha**2 * tau**2 + sigma**2) * (xt - alpha * mus)
+        x0_hat = (w * x0_k).sum(1, keepdim=True)
+        return (xt - alpha * x0_hat) / sigma
+
+    classifier = lambda xt, t: component_logits(xt, t)  # Bayes classifier p(y | xt), any xt shape (B, 1)
+    noise = torch.randn(4000, 1, generator=torch.Generator().manual_seed(0))
+    for y in (0, 1):
+        cond = torch.full((4000,), y)
+        den = S.classifier_guided(S.make_denoiser(net, obj), classifier, cond, scale=1.0, path=path, chunk=1000)
+        x = S.sample_ddim(den, path, noise, steps=100)
+        in_class = ((x.squeeze(1) > 0) == bool(y)).float().mean()
+        assert in_class > 0.99, (y, float(in_class))
+        assert abs(float(x.mean()) - float(mus[y])) < 0.1 and abs(float(x.std()) - tau) < 0.1
+    unguided = S.sample_ddim(S.make_denoiser(net, obj), path, noise, steps=100)
+    assert 0.4 < float((unguided > 0).float().mean()) < 0.6  # without guidance: both classes

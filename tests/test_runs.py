@@ -9,9 +9,18 @@ import pytest
 import torch
 from helpers import CONF, FAST, run_cli
 
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+ALL_EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+IMAGE_EXPERIMENTS = {"mnist_ddpm", "mnist_denoiser", "cifar10_ddpm", "celeba64_ddpm"}  # test_image_runs.py
+EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e not in IMAGE_EXPERIMENTS]
 TINY = [*FAST, "trainer.max_steps=20", "eval.n_samples=300", "timesteps=50", "sampler.steps=20",
         "callbacks.checkpoint.every_n_train_steps=10"]
+
+
+def test_every_experiment_is_covered_by_an_end_to_end_test():
+    from test_image_runs import COVERED
+
+    assert IMAGE_EXPERIMENTS == COVERED
+    assert set(EXPERIMENTS) | IMAGE_EXPERIMENTS == set(ALL_EXPERIMENTS)
 
 
 def read_results(run_dir: Path) -> dict:
