@@ -57,7 +57,7 @@ class SampleMonitor(L.Callback):
     """Every N steps: sample from the same fixed noise and log it (grid for images, scatter for points).
 
     Uses the raw (not EMA) weights, so the picture shows what the optimizer is doing right now.
-    Image grids are also saved as <run_dir>/monitor/step_XXXXXXX.png.
+    Image grids are also saved as <run_dir>/monitor/step_<step, 7 digits>.png.
     """
 
     def __init__(self, every_n_steps: int = 1000, n: int = 2000, seed: int = 1234, at_epochs: list | None = None):
