@@ -11,10 +11,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
-
-def to_uint8(x: Tensor) -> Tensor:
-    """[-1, 1] floats -> uint8 exactly as real images are stored (round, clamp)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+from diffusion_lab.data.images import to_uint8  # the data module owns the [-1, 1] <-> uint8 mapping
 
 
 def grid_image(x: Tensor, nrow: int | None = None) -> Tensor:
