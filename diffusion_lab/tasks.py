@@ -55,7 +55,7 @@ class _Frames:
 
 
 def generate_and_evaluate(module, datamodule, cfg: DictConfig, run_dir: Path, protocol: dict,
-                          sampler=None) -> dict:
+                          sampler=None, wall_start: float | None = None) -> dict:
     """Draw cfg.eval.n_samples with a seeded generator, save them, compute metrics and plots, write results."""
     ev = cfg.eval
     sampler = sampler or module.sampler
@@ -75,6 +75,8 @@ def generate_and_evaluate(module, datamodule, cfg: DictConfig, run_dir: Path, pr
     protocol = {**protocol, **_sampler_protocol(sampler, module), "n_samples": int(ev.n_samples),
                 "sample_seed": int(ev.seed), "sampling_seconds": round(sample_time, 3),
                 "device": _device_name(module.device)}
+    if wall_start is not None:
+        protocol["wall_seconds"] = round(time.perf_counter() - wall_start, 2)
     results = {"metrics": metrics, "protocol": protocol}
     write_json(run_dir / "results.json", results)
     return results
@@ -145,9 +147,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     protocol = {"task": "train", "checkpoint": str(last), "step": trainer.global_step, "ema": uses_ema,
                 "seed": int(cfg.seed), "train_seconds": round(train_seconds, 2), "title": cfg.get("name", ""),
                 **_metric_protocol(parts.datamodule)}
-    results = generate_and_evaluate(parts.module, parts.datamodule, cfg, run_dir, protocol)
-    results["protocol"]["wall_seconds"] = round(time.perf_counter() - t0, 2)
-    write_json(run_dir / "results.json", results)
+    results = generate_and_evaluate(parts.module, parts.datamodule, cfg, run_dir, protocol, wall_start=t0)
     _log_final(trainer, results, run_dir)
     return results
 
@@ -200,7 +200,7 @@ def _sampler_override(cfg: DictConfig, saved: DictConfig, schedule):
     """The sampler the user asked for on this command line, else the one the model was trained with."""
     from hydra.core.hydra_config import HydraConfig
 
-    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else cfg.get("_overrides", [])
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     chosen = cfg if any(o.lstrip("+~").startswith("sampler") for o in overrides) else saved
     sampler = make(chosen, "sampler")
     check_sampler(sampler, schedule)
