@@ -86,18 +86,43 @@ def build(cfg: DictConfig) -> Parts:
     net = make(cfg, "model")
     sampler = make(cfg, "sampler")
     check_sampler(sampler, schedule)
+    guidance = make_guidance(cfg, net, schedule)
     module = DiffusionModule(
         net=net, objective=objective, optimizer=make(cfg, "optimizer"), sampler=sampler,
         sample_shape=tuple(datamodule.shape), lr_scheduler=make(cfg, "lr_scheduler", optional=True),
-        config=resolved(cfg),
+        config=resolved(cfg), guidance=guidance, sample_precision=sample_precision(cfg),
         **(cfg.get("train") or {}),
     )
     return Parts(datamodule=datamodule, module=module)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
-    """Trainer with the configured callbacks (null entries skipped) and logger."""
+def make_guidance(cfg: DictConfig, net, schedule):
+    """cfg.guidance (null, cfg or classifier), checked against the net and the schedule it will guide."""
+    guidance = make(cfg, "guidance", optional=True)
+    if guidance is not None:
+        try:
+            guidance.check(net, schedule)
+        except ValueError as exc:
+            raise ConfigError(f"guidance: {exc}") from exc
+    return guidance
+
+
+def sample_precision(cfg: DictConfig) -> str | None:
+    """Autocast dtype for sampling: the training precision's ("bf16-mixed" -> "bf16"), else none (fp32)."""
+    precision = str(OmegaConf.select(cfg, "eval.precision", default="auto") or "32")
+    if precision == "auto":
+        precision = str(OmegaConf.select(cfg, "trainer.precision", default="32"))
+    if precision.startswith("bf16"):
+        return "bf16"
+    if precision.startswith("16"):
+        return "fp16"
+    return None
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, exclude: tuple[type, ...] = ()) -> L.Trainer:
+    """Trainer with the configured callbacks (null entries and `exclude` types skipped) and logger."""
     callbacks = [make(cfg, f"callbacks.{name}", optional=True) for name in (cfg.get("callbacks") or {})]
+    callbacks = [c for c in callbacks if not isinstance(c, exclude)]
     logger = make(cfg, "logger", optional=True) or False
     trainer = make(cfg, "trainer", callbacks=[c for c in callbacks if c is not None], logger=logger,
                    default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])

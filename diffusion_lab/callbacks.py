@@ -75,15 +75,21 @@ class SampleMonitor(L.Callback):
             self._log(trainer, pl_module, f"epoch_{epoch:03d}", trainer.global_step)
 
     def _log(self, trainer, pl_module, name: str, step: int) -> None:
-        samples = pl_module.sample(self.n, generator=torch.Generator().manual_seed(self.seed)).float().cpu()
+        classes = int(getattr(pl_module, "num_classes", 0))
+        per_class = max(1, self.n // classes) if classes else self.n
+        # A class-conditional model shows every class (per_class each) with the run's guidance.
+        cond = torch.arange(classes).repeat_interleave(per_class) if classes else None
+        samples = pl_module.sample(per_class * max(classes, 1), generator=torch.Generator().manual_seed(self.seed),
+                                   cond=cond).float().cpu()
         dm = trainer.datamodule
         writer = getattr(trainer.logger, "experiment", None) if trainer.logger else None
         if getattr(dm, "kind", "points") == "images":
-            imageio.save_grid(samples, Path(trainer.default_root_dir) / "monitor" / f"{name}.png")
+            grid, ncols = imageio.class_grid(samples, per_class) if classes else (samples, None)
+            imageio.save_grid(grid, Path(trainer.default_root_dir) / "monitor" / f"{name}.png", nrow=ncols)
             if hasattr(writer, "add_image"):
-                writer.add_image("samples/monitor", imageio.grid_image(samples), step)
+                writer.add_image("samples/monitor", imageio.grid_image(grid, ncols), step)
             return
-        fig = plots.render_samples(samples, dm, title=f"{name} (raw weights)")
+        fig = plots.render_samples(samples, dm, labels=cond, title=f"{name} (raw weights)")
         if hasattr(writer, "add_image"):
             writer.add_image("samples/monitor", plots.figure_to_image(fig), step, dataformats="HWC")
 

@@ -67,3 +67,10 @@ def trajectory_strip(frames: list[Tensor], n_rows: int = 4) -> Tensor:
     cols = [to_uint8(f[:n_rows]) for f in frames]  # each (n_rows, C, H, W)
     stacked = torch.stack(cols, dim=1).flatten(0, 1)  # row-major: sample i, all times
     return make_grid(stacked.cpu(), nrow=len(frames), padding=2, pad_value=255)
+
+
+def class_grid(samples: Tensor, per_class: int, rows: int = 8) -> tuple[Tensor, int]:
+    """Samples stored group by group (per_class each) -> one column per group, up to `rows` rows."""
+    groups = len(samples) // per_class
+    x = samples[: groups * per_class].reshape(groups, per_class, *samples.shape[1:])[:, : min(per_class, rows)]
+    return x.transpose(0, 1).reshape(-1, *samples.shape[1:]), groups

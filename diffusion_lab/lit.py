@@ -27,7 +27,8 @@ class DiffusionModule(L.LightningModule):
     def __init__(self, net: nn.Module, objective: Objective, optimizer: Callable, sampler: Callable,
                  sample_shape: tuple[int, ...], lr_scheduler: Callable | None = None,
                  config: dict | None = None, channels_last: bool = False, compile: bool = False,
-                 nonfinite: str = "raise", overfit: bool = False):
+                 nonfinite: str = "raise", overfit: bool = False, guidance=None,
+                 sample_precision: str | None = None):
         super().__init__()
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite={nonfinite!r}: expected 'raise' or 'skip'")
@@ -38,6 +39,11 @@ class DiffusionModule(L.LightningModule):
         self.channels_last = channels_last and len(self.sample_shape) == 3
         self.nonfinite, self.overfit = nonfinite, overfit
         self.compile = compile
+        # Guidance (diffusion_lab.guidance) is a sampling setting, not a submodule: its classifier stays
+        # out of the state_dict and the EMA. sample_precision: autocast dtype for sampling (None = fp32).
+        if sample_precision not in (None, "bf16", "fp16"):
+            raise ValueError(f"sample_precision={sample_precision!r}: expected None, 'bf16' or 'fp16'")
+        self.guidance, self.sample_precision = guidance, sample_precision
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
 
@@ -93,23 +99,40 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": opt,
                 "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
 
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.net, "num_classes", 0) or 0)
+
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, cond: Tensor | None = None,
-               sampler: Callable | None = None, callback=None, batch_size: int | None = None) -> Tensor:
-        """Draw n samples (noise from `generator`, on the module's device) in batches."""
+               sampler: Callable | None = None, callback=None, batch_size: int | None = None,
+               guidance=None) -> Tensor:
+        """Draw n samples (noise from `generator`, on the module's device) in batches.
+
+        cond: labels (n,), -1 for unconditional rows; guidance: a diffusion_lab.guidance object
+        (default: the module's own, from the config), applied only where labels are given.
+        """
         sampler = sampler or self.sampler
+        guidance = guidance if guidance is not None else self.guidance
+        if cond is not None and len(cond) != n:
+            raise ValueError(f"cond has {len(cond)} labels for n={n} samples")
+        if guidance is not None:
+            guidance.to(self.device)
         was_training = self.net.training
         self.net.eval()
         noise = torch.randn((n, *self.sample_shape), generator=generator,
                             device=getattr(generator, "device", "cpu")).to(self.device)
         batch_size = batch_size or n
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.sample_precision)
         out = []
-        for start in range(0, n, batch_size):
-            sl = slice(start, start + batch_size)
-            c = None if cond is None else cond[sl].to(self.device)
-            denoise = make_denoiser(self.net, self.objective, c)
-            out.append(sampler(denoise, self.objective.schedule, self._prepare(noise[sl]), generator=generator,
-                               callback=callback))
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            for start in range(0, n, batch_size):
+                sl = slice(start, start + batch_size)
+                c = None if cond is None else cond[sl].to(self.device)
+                denoise = (guidance.denoiser(self.net, self.objective, c) if guidance is not None
+                           else make_denoiser(self.net, self.objective, c))
+                out.append(sampler(denoise, self.objective.schedule, self._prepare(noise[sl]), generator=generator,
+                                   callback=callback).float())
         self.net.train(was_training)
         return torch.cat(out).contiguous()
 

@@ -124,3 +124,38 @@ def point_metrics(samples, reference, heldout=None) -> dict[str, float]:
         out["energy_distance"] = energy_distance(samples, heldout)
         out["sliced_w1"] = sliced_wasserstein(samples, heldout)
     return out
+
+
+def nearest_label(samples, reference, reference_labels, chunk: int = 4096) -> torch.Tensor:
+    """Label of each sample's nearest reference point (a bandwidth-free 1-NN judge of conditional samples)."""
+    x = torch.as_tensor(_as_2d_numpy(samples, "samples"), dtype=torch.float64)
+    ref = torch.as_tensor(_as_2d_numpy(reference, "reference"), dtype=torch.float64)
+    ref_labels = torch.as_tensor(np.asarray(reference_labels)).reshape(-1)
+    if len(ref_labels) != len(ref):
+        raise ValueError(f"reference has {len(ref)} points but {len(ref_labels)} labels")
+    idx = torch.cat([torch.cdist(x[i: i + chunk], ref).argmin(1) for i in range(0, len(x), chunk)])
+    return ref_labels[idx]
+
+
+def class_metrics(samples, labels, reference, reference_labels, class_names) -> dict[str, float]:
+    """Per requested class c (labels >= 0): NLL under the KDE of all true points (the STATES protocol),
+    NLL under the KDE of class c's own true points, and the share of samples whose nearest true point
+    is in class c; plus the worst per-class NLL and the mean accuracy."""
+    x = _as_2d_numpy(samples, "samples")
+    labels = np.asarray(labels).reshape(-1)
+    ref_labels = np.asarray(reference_labels).reshape(-1)
+    ref = _as_2d_numpy(reference, "reference")
+    near = nearest_label(x, ref, ref_labels).numpy()
+    out: dict[str, float] = {}
+    accs, nlls = [], []
+    for c in sorted(int(v) for v in np.unique(labels) if v >= 0):
+        m, name = labels == c, class_names[c]
+        nlls.append(kde_nll(x[m], ref))
+        out[f"nll/{name}"] = nlls[-1]
+        out[f"nll_own/{name}"] = kde_nll(x[m], ref[ref_labels == c])
+        accs.append(float((near[m] == c).mean()))
+        out[f"accuracy/{name}"] = accs[-1]
+    if nlls:
+        out["nll_class_max"] = max(nlls)
+        out["accuracy"] = float(np.mean(accs))
+    return out

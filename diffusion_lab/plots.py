@@ -172,8 +172,9 @@ def plot_hist1d(
     return fig
 
 
-def plot_loss_curve(steps: Sequence[float], losses: Sequence[float], title: str = "") -> Figure:
-    """Training loss vs step on a log y-axis with a trailing moving average."""
+def plot_loss_curve(steps: Sequence[float], losses: Sequence[float], title: str = "",
+                    val: tuple[Sequence[float], Sequence[float]] | None = None) -> Figure:
+    """Training loss vs step on a log y-axis with a trailing moving average; `val` = (steps, losses)."""
     steps, losses = _np(steps).reshape(-1), _np(losses).reshape(-1)
     fig = _new_figure((6.0, 4.0))
     ax = fig.add_subplot()
@@ -183,6 +184,9 @@ def plot_loss_curve(steps: Sequence[float], losses: Sequence[float], title: str 
         # Diffusion losses are very noisy (random t per batch); the average shows the trend.
         ma = np.convolve(losses, np.ones(window) / window, mode="valid")
         ax.plot(steps[window - 1 :], ma, color="C1", lw=1.5, label=f"moving avg ({window})")
+    if val is not None and len(val[0]):
+        ax.plot(_np(val[0]).reshape(-1), _np(val[1]).reshape(-1), "o-", color="C2", ms=3, lw=1.2,
+                label="validation")
     if np.any(losses > 0):
         ax.set_yscale("log")  # non-positive values are masked by matplotlib on a log axis
     ax.set_xlabel("step")
@@ -223,3 +227,40 @@ def render_samples(samples, datamodule, labels=None, title: str = "") -> Figure:
                            density_fn=getattr(datamodule, "density", None), title=title)
     names = getattr(datamodule, "class_names", None)
     return plot_points(samples, reference=datamodule.reference(), labels=labels, class_names=names, title=title)
+
+
+def plot_prediction_maps(predict, reference, labels, ts: Sequence[float], class_names=None,
+                         resolution: int = 200, title: str = "") -> Figure:
+    """A 2D classifier's argmax class over the plane at several noise levels t (one panel per t).
+
+    `predict(xy (M, 2), t float) -> probabilities (M, C)`; colour = class, lightness = confidence;
+    the true points are overlaid in their class colours.
+    """
+    from matplotlib.colors import to_rgb
+
+    reference = _np(reference).reshape(-1, 2)
+    labels = _np(labels).astype(int).reshape(-1)
+    (x0, x1), (y0, y1) = _limits(reference, pad=0.25)
+    gx, gy = np.meshgrid(np.linspace(x0, x1, resolution), np.linspace(y0, y1, resolution))
+    grid = np.stack([gx.ravel(), gy.ravel()], 1).astype(np.float32)
+    ncols = min(len(ts), 3)
+    nrows = math.ceil(len(ts) / ncols)
+    fig = _new_figure((3.4 * ncols, 3.4 * nrows + 0.4))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, t in zip(axes, ts):
+        probs = _np(predict(grid, float(t)))
+        colours = np.array([to_rgb(f"C{c % 10}") for c in range(probs.shape[1])])
+        conf = probs.max(1, keepdims=True)
+        rgb = 1 - conf * (1 - colours[probs.argmax(1)])  # white at 0 confidence, the class colour at 1
+        ax.imshow(rgb.reshape(resolution, resolution, 3), origin="lower", extent=(x0, x1, y0, y1), aspect="equal")
+        for c in np.unique(labels):
+            m = labels == c
+            name = class_names[c] if class_names is not None else str(c)
+            ax.scatter(reference[m, 0], reference[m, 1], s=0.3, color=f"C{c % 10}",
+                       edgecolors="black", linewidths=0.05, label=name)
+        ax.set_title(f"t = {t:g}", fontsize="small")
+    for ax in axes[len(ts):]:
+        ax.set_visible(False)
+    axes[0].legend(markerscale=8, fontsize="x-small", loc="best")
+    fig.suptitle(title)
+    return fig

@@ -55,7 +55,8 @@ def classifier_guided(denoise: Denoiser, classifier, cond: Tensor, scale: float,
     """Classifier guidance (Dhariwal & Nichol 2021): eps_hat - scale * sigma(t) * grad log p(cond | xt, t).
 
     x0_hat moves consistently (xt = alpha x0_hat + sigma eps_hat still holds), so every sampler and
-    every objective can use it. The gradient is taken in chunks of `chunk` rows to bound memory.
+    every objective can use it. The gradient is taken in chunks of `chunk` rows to bound memory; rows
+    labelled -1 (NULL_CLASS) get no guidance.
     """
 
     def guided(xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -65,7 +66,8 @@ def classifier_guided(denoise: Denoiser, classifier, cond: Tensor, scale: float,
             for sl in torch.split(torch.arange(xt.shape[0], device=xt.device), chunk):
                 x = xt[sl].detach().requires_grad_(True)
                 logp = torch.log_softmax(classifier(x, t[sl]).float(), dim=-1)
-                picked = logp.gather(1, cond[sl].long()[:, None]).sum()
+                c = cond[sl].long()[:, None]
+                picked = (logp.gather(1, c.clamp(min=0)) * (c >= 0)).sum()  # label -1: unguided row
                 grads.append(torch.autograd.grad(picked, x)[0])
         grad = torch.cat(grads).to(eps_hat.dtype)
         alpha, sigma = (v.to(eps_hat.dtype).reshape(-1, *[1] * (xt.ndim - 1)) for v in path.alpha_sigma(t))

@@ -15,9 +15,21 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab import imageio, plots
-from diffusion_lab.build import ConfigError, build, build_trainer, check_sampler, load_checkpoint, make, module_state
+from diffusion_lab.build import (
+    ConfigError,
+    build,
+    build_trainer,
+    check_sampler,
+    load_checkpoint,
+    make,
+    make_guidance,
+    module_state,
+    sample_precision,
+)
 from diffusion_lab.callbacks import EMA
-from diffusion_lab.metrics import point_metrics
+from diffusion_lab.guidance import ClassifierGuidance, requested_labels
+from diffusion_lab.guidance import describe as guidance_describe
+from diffusion_lab.metrics import class_metrics, point_metrics
 from diffusion_lab.samplers import nfe
 
 
@@ -44,37 +56,61 @@ def _sampler_protocol(sampler, module) -> dict:
 
 
 class _Frames:
-    """Sampler callback keeping ~n_frames snapshots of the first `keep` samples (trajectory strip, GIF)."""
+    """Sampler callback keeping ~n_frames snapshots of `keep` samples spread over the first batch
+    (trajectory strip, GIF); later batches are ignored."""
 
-    def __init__(self, steps: int, keep: int = 16, n_frames: int = 20):
-        self.every, self.keep, self.frames = max(1, steps // n_frames), keep, []
+    def __init__(self, steps: int, keep: int = 16, n_frames: int = 20, batch: int | None = None):
+        self.every, self.frames, self.done = max(1, steps // n_frames), [], False
+        self.pick = torch.arange(0, batch, max(1, batch // keep))[:keep] if batch else slice(0, keep)
 
     def __call__(self, i: int, t: float, x: torch.Tensor) -> None:
+        if self.done:
+            return
         if len(self.frames) == 0 or i % self.every == 0 or t == 0:
-            self.frames.append(x[: self.keep].float().cpu())
+            self.frames.append(x[self.pick].float().cpu())
+        self.done = t == 0
 
 
 def generate_and_evaluate(module, datamodule, cfg: DictConfig, run_dir: Path, protocol: dict,
-                          sampler=None, wall_start: float | None = None) -> dict:
-    """Draw cfg.eval.n_samples with a seeded generator, save them, compute metrics and plots, write results."""
+                          sampler=None, wall_start: float | None = None, guidance=None) -> dict:
+    """Draw cfg.eval.n_samples (per requested class) with a seeded generator, save them, compute metrics
+    and plots, write results.json."""
     ev = cfg.eval
     sampler = sampler or module.sampler
+    guidance = guidance if guidance is not None else module.guidance
     images = getattr(datamodule, "kind", "points") == "images"
-    frames = _Frames(dict(getattr(sampler, "keywords", {})).get("steps", 1)) if images else None
+    names = list(getattr(datamodule, "class_names", None) or [])
+    n = int(ev.n_samples)
+    try:
+        labels, groups = requested_labels(ev.get("classes"), names, n, bool(ev.get("unconditional", False)))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if labels is not None and not module.num_classes and not isinstance(guidance, ClassifierGuidance):
+        raise ConfigError(f"eval.classes={ev.classes}: the model is unconditional (model.num_classes=0); class "
+                          "requests need a class-conditional model or guidance=classifier guidance.ckpt=<ckpt>")
+    n_total = n if labels is None else len(labels)
+    batch = ev.get("batch_size") or n_total
+    frames = _Frames(dict(getattr(sampler, "keywords", {})).get("steps", 1), batch=min(batch, n_total)) \
+        if images else None
     t0 = time.perf_counter()
     generator = torch.Generator().manual_seed(int(ev.seed))
-    samples = module.sample(int(ev.n_samples), generator=generator, sampler=sampler,
-                            batch_size=ev.get("batch_size"), callback=frames).float().cpu()
+    samples = module.sample(n_total, generator=generator, cond=labels, sampler=sampler, batch_size=batch,
+                            callback=frames, guidance=guidance).float().cpu()
     sample_time = time.perf_counter() - t0
-    torch.save({"samples": samples}, run_dir / "samples.pt")
-    np.savez(run_dir / "samples.npz", samples=samples.numpy())
+    torch.save({"samples": samples, "labels": labels}, run_dir / "samples.pt")
+    np.savez(run_dir / "samples.npz", samples=samples.numpy(),
+             **({} if labels is None else {"labels": labels.numpy()}))
     if images:
-        metrics = evaluate_images(samples, run_dir, frames.frames if frames else None)
+        metrics = evaluate_images(samples, run_dir, frames.frames if frames else None, labels, n)
     else:
-        metrics = evaluate_samples(samples, datamodule, run_dir, title=protocol.get("title", ""))
-    protocol = {**protocol, **_sampler_protocol(sampler, module), "n_samples": int(ev.n_samples),
-                "sample_seed": int(ev.seed), "sampling_seconds": round(sample_time, 3),
-                "device": _device_name(module.device)}
+        metrics = evaluate_samples(samples, datamodule, run_dir, title=protocol.get("title", ""), labels=labels)
+    if ev.get("judge"):
+        metrics |= judge_metrics(samples, labels, ev.judge, names)
+    protocol = {**protocol, **_sampler_protocol(sampler, module), **guidance_describe(guidance),
+                "classes": groups or None, "n_samples": n_total,
+                **({"n_per_class": n} if labels is not None else {}),
+                "sample_seed": int(ev.seed), "sample_precision": module.sample_precision or "fp32",
+                "sampling_seconds": round(sample_time, 3), "device": _device_name(module.device)}
     if wall_start is not None:
         protocol["wall_seconds"] = round(time.perf_counter() - wall_start, 2)
     results = {"metrics": metrics, "protocol": protocol}
@@ -82,9 +118,31 @@ def generate_and_evaluate(module, datamodule, cfg: DictConfig, run_dir: Path, pr
     return results
 
 
-def evaluate_images(samples: torch.Tensor, run_dir: Path, frames: list | None = None) -> dict:
+def judge_metrics(samples: torch.Tensor, labels: torch.Tensor | None, judge: str, names: list[str]) -> dict:
+    """Accuracy of a clean classifier checkpoint (eval.judge) on the class-requested samples."""
+    from diffusion_lab.classifier import load_classifier
+
+    if labels is None or not bool((labels >= 0).any()):
+        raise ConfigError(f"eval.judge={judge}: judging needs class requests (eval.classes=all or a list)")
+    net, info = load_classifier(judge)
+    keep = labels >= 0
+    with torch.no_grad():
+        pred = torch.cat([net(x, torch.zeros(len(x))).argmax(1) for x in samples[keep].split(1024)])
+    want = labels[keep]
+    out = {"judge_accuracy": float((pred == want).float().mean())}
+    for c in want.unique().tolist():
+        out[f"judge_accuracy/{names[c] if c < len(names) else c}"] = float((pred[want == c] == c).float().mean())
+    return out
+
+
+def evaluate_images(samples: torch.Tensor, run_dir: Path, frames: list | None = None,
+                    labels: torch.Tensor | None = None, per_class: int | None = None) -> dict:
     """Image outputs: a PNG grid, one PNG per image (for external FID tools), the denoising strip and GIF."""
-    imageio.save_grid(samples[:64], run_dir / "samples.png")
+    if labels is None:
+        imageio.save_grid(samples[:64], run_dir / "samples.png")
+    else:
+        grid, ncols = imageio.class_grid(samples, per_class)
+        imageio.save_grid(grid, run_dir / "samples.png", nrow=ncols)
     imageio.export_pngs(samples, run_dir / "samples")
     if frames:
         strip = imageio.trajectory_strip(frames, n_rows=min(4, len(frames[0])))
@@ -94,11 +152,35 @@ def evaluate_images(samples: torch.Tensor, run_dir: Path, frames: list | None = 
     return {"n_images": len(samples), "pixel_mean": float(u8.mean()), "pixel_std": float(u8.std())}
 
 
-def evaluate_samples(samples: torch.Tensor, datamodule, run_dir: Path, title: str = "") -> dict:
-    """Low-dimensional metrics (STATES KDE NLL protocol + bandwidth-free distances) and the sample plot."""
-    metrics = point_metrics(samples, datamodule.reference(), datamodule.heldout)
-    plots.save_figure(plots.render_samples(samples, datamodule, title=f"{title} NLL {metrics['nll']:.3f}"),
-                      run_dir / "samples.png")
+def evaluate_samples(samples: torch.Tensor, datamodule, run_dir: Path, title: str = "",
+                     labels: torch.Tensor | None = None) -> dict:
+    """Low-dimensional metrics (STATES KDE NLL protocol + bandwidth-free distances) and the sample plots.
+
+    With class requests: `nll` etc. are those of the unconditional rows (all rows if none), and
+    class_metrics adds nll/<class> (KDE on all true points), nll_own/<class> and accuracy/<class>.
+    """
+    reference = datamodule.reference()
+    if labels is None:
+        metrics = point_metrics(samples, reference, datamodule.heldout)
+        plots.save_figure(plots.render_samples(samples, datamodule, title=f"{title} NLL {metrics['nll']:.3f}"),
+                          run_dir / "samples.png")
+        return metrics
+    uncond = labels < 0
+    metrics = point_metrics(samples[uncond] if uncond.any() else samples, reference, datamodule.heldout)
+    names = list(datamodule.class_names)
+    true_x, true_y = datamodule.labelled("train")
+    metrics |= class_metrics(samples, labels, true_x, true_y, names)
+    cond = ~uncond
+    plots.save_figure(plots.render_samples(samples[cond], datamodule, labels=labels[cond],
+                                           title=f"{title}: samples by requested class"), run_dir / "samples.png")
+    if datamodule.dim == 2:
+        panels = {}
+        if uncond.any():
+            panels[f"unconditional (NLL {metrics['nll']:.3f})"] = samples[uncond]
+        for c in labels[cond].unique().tolist():
+            panels[f"{names[c]} (NLL {metrics[f'nll/{names[c]}']:.3f})"] = samples[labels == c]
+        plots.save_figure(plots.plot_points_grid(panels, reference=reference, title=title),
+                          run_dir / "samples_per_class.png")
     return metrics
 
 
@@ -152,21 +234,27 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return results
 
 
-def _save_loss_curve(run_dir: Path) -> None:
-    """Read the logged train/loss back from TensorBoard's event files and plot it."""
+def _scalars(run_dir: Path, tag: str) -> tuple[list, list]:
+    """(steps, values) of a scalar logged to TensorBoard, read back from the run's event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = sorted(run_dir.rglob("events.out.tfevents.*"))
-    steps, losses = [], []
-    for path in events:
+    steps, values = [], []
+    for path in sorted(run_dir.rglob("events.out.tfevents.*")):
         acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
         acc.Reload()
-        if "train/loss" in acc.Tags().get("scalars", []):
-            for ev in acc.Scalars("train/loss"):
+        if tag in acc.Tags().get("scalars", []):
+            for ev in acc.Scalars(tag):
                 steps.append(ev.step)
-                losses.append(ev.value)
+                values.append(ev.value)
+    return steps, values
+
+
+def _save_loss_curve(run_dir: Path) -> None:
+    """Plot train/loss (and val/loss when a validation loop logged it) from the TensorBoard events."""
+    steps, losses = _scalars(run_dir, "train/loss")
     if steps:
-        plots.save_figure(plots.plot_loss_curve(steps, losses, title="train/loss"), run_dir / "loss_curve.png")
+        fig = plots.plot_loss_curve(steps, losses, title="train/loss", val=_scalars(run_dir, "val/loss"))
+        plots.save_figure(fig, run_dir / "loss_curve.png")
 
 
 def _log_final(trainer, results: dict, run_dir: Path) -> None:
@@ -197,25 +285,35 @@ def _restore(cfg: DictConfig) -> tuple:
 
 
 def _sampler_override(cfg: DictConfig, saved: DictConfig, schedule):
-    """The sampler the user asked for on this command line, else the one the model was trained with."""
+    """The sampler asked for on this command line (or by the experiment, sampler_source=config), else the
+    one the model was trained with."""
     from hydra.core.hydra_config import HydraConfig
 
+    if cfg.get("sampler_source", "auto") not in ("auto", "config"):
+        raise ConfigError(f"sampler_source={cfg.sampler_source}: expected auto or config")
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-    chosen = cfg if any(o.lstrip("+~").startswith("sampler") for o in overrides) else saved
-    sampler = make(chosen, "sampler")
+    asked = cfg.get("sampler_source") == "config" or any(o.lstrip("+~").startswith("sampler") for o in overrides)
+    sampler = make(cfg if asked else saved, "sampler")
     check_sampler(sampler, schedule)
     return sampler
 
 
 def sample(cfg: DictConfig, run_dir: Path) -> dict:
-    """Reload a checkpoint with its saved config and draw cfg.eval.n_samples with any sampler."""
+    """Reload a checkpoint with its saved config and draw cfg.eval.n_samples with any sampler and guidance
+    (cfg.guidance when set, else the checkpoint's own)."""
     parts, saved, ckpt, used_ema = _restore(cfg)
+    module = parts.module
     _save_resolved_config(cfg, run_dir)
-    sampler = _sampler_override(cfg, saved, parts.module.objective.schedule)
+    sampler = _sampler_override(cfg, saved, module.objective.schedule)
+    if cfg.get("guidance") is not None:
+        module.guidance = make_guidance(cfg, module.net, module.objective.schedule)
+    if str(cfg.eval.get("precision", "auto")) != "auto":
+        module.sample_precision = sample_precision(cfg)
     protocol = {"task": "sample", "checkpoint": str(cfg.ckpt), "step": ckpt.get("global_step"), "ema": used_ema,
-                "seed": int(cfg.seed), "title": saved.get("name", ""), **_metric_protocol(parts.datamodule)}
+                "seed": int(cfg.seed), "title": cfg.get("name") or saved.get("name", ""),
+                **_metric_protocol(parts.datamodule)}
     parts.datamodule.setup()
-    return generate_and_evaluate(parts.module, parts.datamodule, cfg, run_dir, protocol, sampler=sampler)
+    return generate_and_evaluate(module, parts.datamodule, cfg, run_dir, protocol, sampler=sampler)
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> dict:

@@ -11,16 +11,18 @@ from helpers import CONF, FAST, run_cli
 
 ALL_EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 IMAGE_EXPERIMENTS = {"mnist_ddpm", "mnist_denoiser", "cifar10_ddpm", "celeba64_ddpm"}  # test_image_runs.py
-EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e not in IMAGE_EXPERIMENTS]
+GUIDANCE_EXPERIMENTS = {"states_classifier", "states_guided", "mnist_classifier", "mnist_cfg"}  # test_guidance.py
+EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e not in IMAGE_EXPERIMENTS | GUIDANCE_EXPERIMENTS]
 TINY = [*FAST, "trainer.max_steps=20", "eval.n_samples=300", "timesteps=50", "sampler.steps=20",
         "callbacks.checkpoint.every_n_train_steps=10"]
 
 
 def test_every_experiment_is_covered_by_an_end_to_end_test():
+    from test_guidance import COVERED as GUIDANCE_COVERED
     from test_image_runs import COVERED
 
-    assert IMAGE_EXPERIMENTS == COVERED
-    assert set(EXPERIMENTS) | IMAGE_EXPERIMENTS == set(ALL_EXPERIMENTS)
+    assert IMAGE_EXPERIMENTS == COVERED and GUIDANCE_EXPERIMENTS == GUIDANCE_COVERED
+    assert set(EXPERIMENTS) | IMAGE_EXPERIMENTS | GUIDANCE_EXPERIMENTS == set(ALL_EXPERIMENTS)
 
 
 def read_results(run_dir: Path) -> dict:
@@ -34,7 +36,10 @@ def test_every_experiment_runs_end_to_end(experiment, tmp_path):
     res = read_results(tmp_path)
     assert {"nll", "energy_distance", "sliced_w1"} <= set(res["metrics"])
     proto = res["protocol"]
-    assert proto["step"] == 20 and proto["ema"] is True and proto["n_samples"] == 300
+    assert proto["step"] == 20 and proto["ema"] is True and proto.get("n_per_class", proto["n_samples"]) == 300
+    if proto.get("classes"):  # states_cfg: 300 per state + 300 unconditional, per-state metrics
+        assert proto["n_samples"] == 300 * len(proto["classes"]) and proto["guidance"] == "classifier_free"
+        assert {f"nll/{c}" for c in proto["classes"] if c != "unconditional"} <= set(res["metrics"])
     for name in ("config.yaml", "samples.pt", "samples.npz", "samples.png", "loss_curve.png",
                  "checkpoints/last.ckpt"):
         assert (tmp_path / name).is_file(), name

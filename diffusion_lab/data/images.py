@@ -146,7 +146,7 @@ class ImageDataModule(L.LightningDataModule):
         self.data: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
         self.class_names: list[str] = []
-        self._splits: dict[str, torch.Tensor] = {}
+        self._splits: dict[str, tuple] = {}
         self._loader = None
 
     @property
@@ -194,15 +194,24 @@ class ImageDataModule(L.LightningDataModule):
                                            transform=FlipToFloat(self.hflip and not self.overfit))
         return self._loader
 
-    def real_uint8(self, split: str = "train", n: int | None = None) -> torch.Tensor:
-        """Real images as uint8 (N, C, H, W) (FID reference, grids); n: a seeded random subset."""
+    def _split(self, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         if split == "train":
             self.setup()
-            data = self.data
-        else:
-            if split not in self._splits:
-                self._splits[split] = self.load_split(split)[0]
-            data = self._splits[split]
+            return self.data, self.labels
+        if split not in self._splits:
+            self._splits[split] = self.load_split(split)[:2]
+        return self._splits[split]
+
+    def labelled(self, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 images, labels) of a split, for classifiers (train on "train", validate on "test")."""
+        x, y = self._split(split)
+        if y is None:
+            raise ValueError(f"{self.name}: the {split} split has no class labels (a classifier needs them)")
+        return x, y
+
+    def real_uint8(self, split: str = "train", n: int | None = None) -> torch.Tensor:
+        """Real images as uint8 (N, C, H, W) (FID reference, grids); n: a seeded random subset."""
+        data = self._split(split)[0]
         if n is None or n >= len(data):
             return data
         g = torch.Generator().manual_seed(self.seed)

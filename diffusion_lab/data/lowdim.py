@@ -102,7 +102,8 @@ class PointsDataModule(L.LightningDataModule):
             raise ValueError(f"data.num_classes={self.num_classes} but labels go up to {int(labels.max())}")
         self.data, self.labels = data, labels
         self.class_names = names or [str(i) for i in range(self.num_classes)]
-        self.heldout = None if self.heldout_source is None else _unpack(self.heldout_source())[0]
+        self.heldout, self.heldout_labels = (None, None) if self.heldout_source is None else \
+            _unpack(self.heldout_source())[:2]
 
     def to_device(self, device) -> None:
         """Move the in-memory training tensor (and its batches) to the training device."""
@@ -120,6 +121,16 @@ class PointsDataModule(L.LightningDataModule):
         """All true points (the KDE reference of the STATES protocol)."""
         self.setup()
         return self.data
+
+    def labelled(self, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """(points, labels) of a split: "train" (all points) or "heldout" (classifier validation)."""
+        self.setup()
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split={split!r}: points data have 'train' and 'heldout'")
+        x, y = (self.data, self.labels) if split == "train" else (self.heldout, self.heldout_labels)
+        if x is None or y is None:
+            raise ValueError(f"{self.name}: the {split} split has no class labels (a classifier needs them)")
+        return x, y
 
     def describe(self) -> dict:
         self.setup()

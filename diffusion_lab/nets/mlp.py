@@ -22,6 +22,7 @@ class MLP(nn.Module):
         if dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"dim={dim}, hidden={hidden}, depth={depth}: expected positive integers")
         self.dim, self.time_embedding, self.time_dim = dim, time_embedding, time_dim
+        self.num_classes = num_classes
         t_in = 1 if time_embedding == "linear" else time_dim
         self.cond_embed = ClassEmbedding(num_classes, hidden) if num_classes > 0 else None
         self.inp = nn.Linear(dim + t_in, hidden)
