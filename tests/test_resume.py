@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from helpers import FAST, REPO, run_cli
@@ -32,7 +33,13 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     child = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     step20 = killed_dir / "checkpoints" / "step0000020.ckpt"
     deadline = time.time() + 300
-    while not step20.exists() and time.time() < deadline and child.poll() is None:
+    last = killed_dir / "checkpoints" / "last.ckpt"
+
+    def last_step() -> int:  # last.ckpt is replaced atomically, so a read never sees a partial file
+        return torch.load(last, weights_only=True)["global_step"] if last.exists() else -1
+
+    # ModelCheckpoint writes step0000020.ckpt and then last.ckpt: wait for both, then kill.
+    while (not step20.exists() or last_step() < 20) and time.time() < deadline and child.poll() is None:
         time.sleep(0.05)
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
@@ -100,3 +107,33 @@ def test_ema_update_matches_closed_form_with_and_without_warmup():
             d = min(0.9, (1 + n) / (10 + n)) if warmup else 0.9
             expect = d * expect + (1 - d) * w
         torch.testing.assert_close(ema[0], expect)
+
+
+def test_every_epoch_has_its_batches_when_the_loop_stops_at_len():
+    """Lightning takes exactly len() batches and never exhausts the iterator: the next epoch must still
+    yield all its batches (a bug once made every other epoch empty and doubled the epoch count)."""
+    import lightning as L
+    from helpers import compose_cfg
+
+    from diffusion_lab.build import build, build_trainer
+
+    cfg = compose_cfg(["callbacks=minimal", "trainer.max_steps=250", "trainer.enable_progress_bar=false",
+                       "trainer.enable_model_summary=false", "logger=none", "data.steps_per_epoch=100"])
+    parts = build(cfg)
+    ends = []
+
+    class EpochEnds(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            ends.append(trainer.global_step)
+
+    trainer = build_trainer(cfg, Path(cfg.run_dir))
+    trainer.callbacks.append(EpochEnds())
+    trainer.fit(parts.module, datamodule=parts.datamodule)
+    assert ends == [100, 200, 250] and trainer.current_epoch == 3
+    from diffusion_lab.data.lowdim import InMemoryBatches
+
+    batches = InMemoryBatches(torch.arange(10.0)[:, None], None, batch_size=5, steps=3, seed=0)
+    first = [b["x"] for _, b in zip(range(3), batches)]  # consumed like Lightning: exactly len() batches
+    second = [b["x"] for b in batches]
+    assert len(second) == 3 and batches.epoch == 2  # a full second epoch with its own order
+    assert not all(torch.equal(a, b) for a, b in zip(first, second))

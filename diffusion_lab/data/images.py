@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from diffusion_lab.data.lowdim import InMemoryBatches
+from diffusion_lab.data.lowdim import InMemoryBatches, rank_seed
 
 ROOT_HINT = "set data.root=<dir> or DIFFUSION_LAB_DATA"
 
@@ -190,7 +190,7 @@ class ImageDataModule(L.LightningDataModule):
             steps = self.steps_per_epoch or math.ceil(n / bs)  # default: an epoch is one pass
             cond = self.labels if self.num_classes else None
             # overfit (debug=overfit): one fixed, unflipped batch, so the loss can go to ~0
-            self._loader = InMemoryBatches(self.data, cond, bs, steps, self.seed, fixed=self.overfit,
+            self._loader = InMemoryBatches(self.data, cond, bs, steps, rank_seed(self), fixed=self.overfit,
                                            transform=FlipToFloat(self.hflip and not self.overfit))
         return self._loader
 

@@ -52,6 +52,11 @@ class InMemoryBatches:
             pos += self.batch_size
 
     def __iter__(self):
+        if self.position >= self.steps:
+            # The previous epoch was fully consumed but its generator never exhausted: Lightning knows
+            # len() and stops calling next() after the last batch. Start the next epoch here (without
+            # this every other epoch would skip all its batches and come out empty).
+            self.epoch, self.position = self.epoch + 1, 0
         skip = self.position  # > 0 only right after load_state_dict (mid-epoch resume)
         for i, idx in enumerate(self._indices()):
             if i < skip:
@@ -68,6 +73,13 @@ class InMemoryBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state.get("position", 0))
+
+
+def rank_seed(datamodule: L.LightningDataModule) -> int:
+    """The batch-order seed of this process: DDP ranks draw different batches (no DataLoader, so no
+    DistributedSampler); one process keeps `seed` itself."""
+    trainer = getattr(datamodule, "trainer", None)
+    return int(datamodule.seed) + 1_000_003 * int(getattr(trainer, "global_rank", 0) or 0)
 
 
 class PointsDataModule(L.LightningDataModule):
@@ -114,7 +126,7 @@ class PointsDataModule(L.LightningDataModule):
             self.setup()
             cond = self.labels if self.num_classes else None
             self._loader = InMemoryBatches(self.data, cond, min(self.batch_size, len(self.data)),
-                                           self.steps_per_epoch, self.seed, fixed=self.overfit)
+                                           self.steps_per_epoch, rank_seed(self), fixed=self.overfit)
         return self._loader
 
     def reference(self) -> torch.Tensor:
