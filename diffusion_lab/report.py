@@ -1,0 +1,68 @@
+"""report.md for every training run: what a course report asks for, generated from the run itself."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def training_facts(trainer, net: torch.nn.Module, batch_size: int, train_seconds: float, run_dir: Path) -> dict:
+    """Model size, effective batch, iterations, epochs, wall time, device-hours, throughput, final loss."""
+    from diffusion_lab.tasks import _scalars
+
+    devices = max(1, int(getattr(trainer, "num_devices", 1) or 1)) * max(1, int(getattr(trainer, "num_nodes", 1) or 1))
+    accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+    accelerator = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
+    hours = train_seconds * devices / 3600
+    _, throughput = _scalars(run_dir, "train/samples_per_sec")
+    _, losses = _scalars(run_dir, "train/loss")
+    tail = losses[-max(1, len(losses) // 10):]
+    return {
+        "parameters": count_parameters(net),
+        "batch_size_per_device": batch_size,
+        "effective_batch_size": batch_size * accumulate * devices,
+        "iterations": int(trainer.global_step),
+        "epochs": int(trainer.current_epoch),
+        "train_wall_seconds": round(train_seconds, 2),
+        "devices": f"{devices} x {accelerator}",
+        ("gpu_hours" if accelerator == "cuda" else "device_hours"): round(hours, 4),
+        "throughput_samples_per_sec_median": round(statistics.median(throughput), 1) if throughput else None,
+        "final_loss_mean_last_10pct": round(statistics.fmean(tail), 6) if tail else None,
+        "precision": str(trainer.precision),
+    }
+
+
+def write_report(run_dir: Path, title: str, facts: dict, results: dict, images: dict[str, str]) -> Path:
+    """Write <run_dir>/report.md: training facts, figures (relative links), metrics and their protocol."""
+    lines = [f"# {title}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by diffusion-lab.", "",
+             "Command: `python " + " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv)) + "`", "",
+             "## Training", "", "| | |", "|---|---|"]
+    lines += [f"| {k.replace('_', ' ')} | {_fmt(v)} |" for k, v in facts.items()]
+    lines += ["", "## Figures", ""]
+    for caption, name in images.items():
+        if (run_dir / name).is_file():
+            lines += [f"**{caption}** (`{name}`)", "", f"![{caption}]({name})", ""]
+    lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in results.get("metrics", {}).items()]
+    protocol = json.dumps(results.get("protocol", {}), indent=2, default=str)
+    lines += ["", "## Protocol", "", "```json", protocol, "```", ""]
+    path = run_dir / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    return path
