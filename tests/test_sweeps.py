@@ -1,0 +1,130 @@
+"""Sweeps: sweep configs, the cases sweeper, joblib / submitit launchers, one GPU per job, DDP inside a
+multirun, failed jobs, skipping finished jobs, and the collector."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+from helpers import FAST, run_cli
+
+from diffusion_lab.sweeps import collect
+from diffusion_lab.tasks import _scalars
+
+TINY = [*FAST, "trainer.max_steps=20", "eval.n_samples=200", "timesteps=50", "sampler.steps=20",
+        "callbacks.checkpoint.every_n_train_steps=10"]
+
+
+def job_dirs(sweep: Path) -> list[Path]:
+    return sorted(p for p in sweep.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
+
+
+def test_parametrization_sweep_with_joblib_then_collector(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "sweep=parametrization", "hydra/launcher=local_jobs", "hydra.launcher.n_jobs=2", *TINY,
+                    f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = job_dirs(sweep)
+    # job dirs: <num>_<overrides>, shortened with a stable hash when the overrides are long (these are)
+    assert [j.name[:2] for j in jobs] == ["0_", "1_", "2_"] and all(len(j.name) <= 120 for j in jobs)
+    assert all(f"objective={o}," in j.name for o, j in zip(("eps", "x0", "v"), jobs))
+    assert all((j / "results.json").is_file() for j in jobs)
+    summary = collect(sweep)
+    assert summary["metric"] == "nll" and summary["status"]["ok"] == 3
+    rows = list(csv.DictReader(open(sweep / "results.csv")))
+    for row, job in zip(rows, jobs):  # read-back: the CSV holds each job's own results.json value
+        want = json.loads((job / "results.json").read_text())["metrics"]["nll"]
+        assert float(row["metric:nll"]) == pytest.approx(want)
+        # TensorBoard HPARAMS view: each job's metrics, read back from its event file
+        assert _scalars(job / "tensorboard" / "hparams", "hparams/nll")[1] == [pytest.approx(want)]
+    table = (sweep / "results.md").read_text()
+    assert "| objective |" in table.splitlines()[0] and table.count("| ok |") == 3
+    assert (sweep / "plot_nll_vs_objective.png").is_file()
+
+    # re-running the same sweep skips finished jobs; force=true re-runs them
+    stamps = [(j / "results.json").stat().st_mtime_ns for j in jobs]
+    proc = run_cli(["-m", "sweep=parametrization", *TINY, f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0 and proc.stdout.count("skipping") + proc.stderr.count("skipping") == 3
+    assert [(j / "results.json").stat().st_mtime_ns for j in jobs] == stamps
+
+
+def test_failing_job_does_not_stop_the_others_and_is_marked(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "experiment=states", *TINY, "sampler.steps=20,0,10", f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode != 0  # the sweep reports the failure ...
+    jobs = job_dirs(sweep)
+    assert len(jobs) == 3 and (jobs[0] / "results.json").is_file() and (jobs[2] / "results.json").is_file()
+    assert "sampler.steps=0" in (jobs[1] / "error.txt").read_text()  # ... after the other jobs finished
+    summary = collect(sweep)
+    assert summary["status"] == {"ok": 2, "failed": 1, "unfinished": 0, "unreadable": 0}
+    failed = [r for r in csv.DictReader(open(sweep / "results.csv")) if r["status"] == "failed"]
+    assert len(failed) == 1 and "expected an integer >= 1" in failed[0]["error"]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ckpt")
+    proc = run_cli(["experiment=states", *TINY, f"hydra.run.dir={run}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run / "checkpoints" / "last.ckpt"
+
+
+def test_cases_sweeper_sampling_steps_over_one_checkpoint(tmp_path, tiny_ckpt):
+    sweep = tmp_path / "sweep"
+    cases = '["sampler=ancestral sampler.steps=10","sampler=ancestral sampler.steps=50","sampler=ddim sampler.steps=5"]'
+    proc = run_cli(["-m", "sweep=sampling_steps", f"ckpt={tiny_ckpt}", "eval.n_samples=100", "seed=0,1",
+                    f"hydra.sweeper.cases={cases}", f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((j / "results.json").read_text())["protocol"] for j in job_dirs(sweep)]
+    got = sorted((p["sampler"], p["steps"], p["seed"]) for p in results)
+    assert got == sorted((s, n, seed) for s, n in (("ancestral", 10), ("ancestral", 50), ("ddim", 5))
+                         for seed in (0, 1))
+    assert all(p["task"] == "sample" and p["step"] == 20 for p in results)  # sampling only, no retraining
+    assert all((j / "samples.png").is_file() for j in job_dirs(sweep))
+    summary = collect(sweep)
+    assert summary["status"]["ok"] == 6 and any("vs_sampler.steps" in p for p in summary["plots"])
+
+
+def test_fake_four_gpu_machine_gives_each_joblib_job_its_own_device(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import torch\ntorch.cuda.device_count = lambda: 4\n")
+    sweep = tmp_path / "sweep"
+    env_path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    proc = run_cli(["-m", "task=explore", "seed=0,1,2,3", "hydra/launcher=local_jobs", "hydra.launcher.n_jobs=2",
+                    f"hydra.sweep.dir={sweep}"], env={"PYTHONPATH": env_path})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    devices = [json.loads((j / "results.json").read_text())["protocol"]["device"] for j in job_dirs(sweep)]
+    assert devices == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+
+
+def test_ddp_job_inside_a_multirun_keeps_one_output_dir_per_job(tmp_path):
+    sweep, stray = tmp_path / "sweep", tmp_path / "stray"
+    proc = run_cli(["-m", "experiment=states", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                    "seed=0,1", f"hydra.sweep.dir={sweep}", f"hydra.run.dir={stray}"], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not stray.exists()  # no rank re-entered Hydra with the run-dir pattern
+    entries = sorted(p.name for p in sweep.iterdir())
+    assert len(entries) == 3 and entries[2] == "multirun.yaml"  # two job dirs, no second sweep started by a rank
+    assert entries[0].startswith("0_") and entries[1].startswith("1_")
+    for job in job_dirs(sweep):
+        res = json.loads((job / "results.json").read_text())
+        assert res["protocol"]["world_size"] == 2 and res["protocol"]["step"] == 20
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_submitit_launchers(tmp_path):
+    proc = run_cli(["sweep=parametrization", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                    "--cfg", "hydra", "--package", "hydra.launcher"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for line in ("partition: gpu", "gpus_per_node: 1", "timeout_min: 240", "mem_gb: 32", "max_num_timeout: 3",
+                 "_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"):
+        assert line in proc.stdout, line
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "experiment=states", *TINY, "seed=0,1", "hydra/launcher=submitit_local",
+                    "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}"], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all((j / "results.json").is_file() for j in job_dirs(sweep)) and len(job_dirs(sweep)) == 2
