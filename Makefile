@@ -8,7 +8,7 @@ ARGS    ?=
 PYTEST_ARGS ?=
 LOGDIR  ?= outputs
 
-.PHONY: install run test test-slow lint format tensorboard bench clean
+.PHONY: install run test test-slow lint format tensorboard bench clean sweep collect
 
 install: $(STAMP)
 
@@ -44,3 +44,16 @@ bench: install
 
 clean:
 	rm -rf outputs multirun .pytest_cache
+
+# Ablation sweeps: make sweep SWEEP=parametrization EXP=states [LAUNCHER=local_jobs] [ARGS="..."]
+SWEEP   ?= parametrization
+EXP     ?= states
+LAUNCHER ?= basic
+# The collector runs even when some jobs failed (it marks them); the exit status is the sweep's.
+sweep: install
+	status=0; $(BIN)/python run.py -m sweep=$(SWEEP) experiment=$(EXP) hydra/launcher=$(LAUNCHER) $(ARGS) \
+	  || status=$$?; $(BIN)/python -m diffusion_lab.sweeps collect multirun/$(EXP)/sweep_$(SWEEP); exit $$status
+
+# Aggregate any multirun dir: make collect DIR=multirun/states/sweep_parametrization [METRIC=nll]
+collect: install
+	$(BIN)/python -m diffusion_lab.sweeps collect $(DIR) $(if $(METRIC),--metric $(METRIC),)

@@ -123,3 +123,51 @@ class Sleep(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         time.sleep(self.seconds)
+
+
+class MetricMonitor(L.Callback):
+    """In-training evaluation every N steps with a small n, logged to TensorBoard as eval_during/<metric>.
+
+    Images: FID / KID (torch-fidelity Inception, reference features cached on disk); points: the KDE NLL
+    and distances. Uses the raw weights and fixed noise. Under DDP every rank draws its shard of the n
+    samples, they are gathered once, and rank 0 scores them.
+    """
+
+    def __init__(self, every_n_steps: int = 5000, n: int = 1000, metrics: tuple = ("fid", "kid"),
+                 weights: str | None = None, cache_dir: str | None = None, reference_split: str = "train",
+                 seed: int = 4321, batch_size: int | None = None):
+        if every_n_steps < 0 or n < 2:
+            raise ValueError(f"every_n_steps={every_n_steps}, n={n}: expected >= 0 (0 = off) and >= 2")
+        self.every_n_steps, self.n, self.metrics, self.seed = every_n_steps, n, list(metrics), seed
+        self.weights, self.cache_dir, self.reference_split, self.batch_size = weights, cache_dir, reference_split, \
+            batch_size
+        self._extractor = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not self.every_n_steps or step % self.every_n_steps:
+            return
+        samples = pl_module.sample_sharded(self.n, self.seed, batch_size=self.batch_size).float().cpu()
+        if not trainer.is_global_zero:
+            return
+        values = self.score(samples, trainer.datamodule, pl_module.device)
+        writer = getattr(trainer.logger, "experiment", None) if trainer.logger else None
+        if hasattr(writer, "add_scalar"):
+            for key, value in values.items():
+                writer.add_scalar(f"eval_during/{key}", value, step)
+            writer.flush()
+
+    def score(self, samples: torch.Tensor, datamodule, device) -> dict:
+        from diffusion_lab.metrics import point_metrics
+
+        if getattr(datamodule, "kind", "points") != "images":
+            return point_metrics(samples, datamodule.reference(), getattr(datamodule, "heldout", None))
+        from diffusion_lab.fidelity import InceptionFeatures, ReferenceCache, fidelity_metrics
+
+        if self._extractor is None:
+            self._extractor = InceptionFeatures(self.weights, device)
+        cache = ReferenceCache(self.cache_dir)
+        key = cache.key(datamodule.name, self.reference_split, datamodule.shape, self._extractor, len(samples),
+                        datamodule.seed)
+        ref, _ = cache.get(key, lambda: self._extractor(datamodule.real_uint8(self.reference_split, len(samples))))
+        return fidelity_metrics(self._extractor(imageio.to_uint8(samples)), ref, self.metrics)[0]

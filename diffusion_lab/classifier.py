@@ -21,6 +21,7 @@ from diffusion_lab import plots
 from diffusion_lab.build import ConfigError, build_trainer, load_checkpoint, make, module_state, resolved
 from diffusion_lab.callbacks import SampleMonitor
 from diffusion_lab.data.images import from_uint8
+from diffusion_lab.report import training_facts, write_report
 from diffusion_lab.schedules import NoisePath, broadcast_to
 
 TASK_TARGET = "diffusion_lab.classifier.train_classifier"
@@ -150,6 +151,8 @@ def train_classifier(cfg: DictConfig, run_dir: Path, noisy: bool = True,
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
     train_seconds = time.perf_counter() - t_fit
+    if not trainer.is_global_zero:  # DDP: rank 0 evaluates and writes
+        return {"metrics": {}}
     _save_loss_curve(run_dir)
 
     net = module.net.eval()
@@ -181,4 +184,7 @@ def train_classifier(cfg: DictConfig, run_dir: Path, noisy: bool = True,
                 "wall_seconds": round(time.perf_counter() - t0, 2), "data": datamodule.describe()}
     results = {"metrics": metrics, "protocol": protocol}
     write_json(run_dir / "results.json", results)
+    facts = training_facts(trainer, net, int(cfg.data.batch_size), train_seconds, run_dir)
+    write_report(run_dir, f"{cfg.get('name', 'classifier')}: classifier training report", facts, results,
+                 {"Loss curves (train, validation)": "loss_curve.png", "Prediction map": "prediction_map.png"})
     return results

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from diffusion_lab import imageio
+from diffusion_lab.report import training_facts, write_report
 
 SIGMAS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)
 
@@ -50,7 +51,7 @@ def train_denoiser(cfg: DictConfig, run_dir: Path) -> dict:
     from diffusion_lab.tasks import fit, write_json
 
     t0 = time.perf_counter()
-    parts, trainer, _ = fit(cfg, run_dir)
+    parts, trainer, train_seconds = fit(cfg, run_dir)
     module, dm = parts.module, parts.datamodule
     x0 = _test_images(dm, 8)
     g = torch.Generator().manual_seed(0)
@@ -68,4 +69,9 @@ def train_denoiser(cfg: DictConfig, run_dir: Path) -> dict:
                                             "wall_seconds": round(time.perf_counter() - t0, 2),
                                             "data": dm.describe(), "ema": False}}
     write_json(run_dir / "results.json", results)
+    facts = training_facts(trainer, module.net, int(cfg.data.batch_size), train_seconds, run_dir)
+    write_report(run_dir, f"{cfg.get('name', 'denoiser')}: one-step denoiser report", facts, results,
+                 {"Loss curve": "loss_curve.png", "Noising process": "noising_process.png",
+                  "Denoised test digits (last epoch)": f"denoised_epoch_{int(trainer.current_epoch):03d}.png",
+                  "Out-of-distribution sigma sweep": "ood_sigma_sweep.png"})
     return results

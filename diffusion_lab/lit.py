@@ -136,6 +136,26 @@ class DiffusionModule(L.LightningModule):
         self.net.train(was_training)
         return torch.cat(out).contiguous()
 
+    @property
+    def is_rank_zero(self) -> bool:
+        """True without a trainer (task=sample) and on global rank 0 under DDP."""
+        return self._trainer is None or self._trainer.is_global_zero
+
+    def sample_sharded(self, n: int, seed: int, cond: Tensor | None = None, **kwargs) -> Tensor:
+        """n samples drawn across DDP ranks (each its ceil(n / world) share, noise seeded by seed + rank,
+        labels split the same way), gathered once: every rank gets all n. With one process this is
+        `sample(n, Generator().manual_seed(seed), cond)`. kwargs go to `sample`."""
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world == 1:
+            return self.sample(n, torch.Generator().manual_seed(seed), cond=cond, **kwargs)
+        rank, per = trainer.global_rank, -(-n // world)
+        mine = None
+        if cond is not None:  # pad to world * per with the first labels (dropped after gathering)
+            mine = torch.cat([cond, cond[: per * world - n]])[rank * per:(rank + 1) * per]
+        x = self.sample(per, torch.Generator().manual_seed(seed + rank), cond=mine, **kwargs)
+        return self.all_gather(x).flatten(0, 1)[:n]
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["config"] = self.config
         # Global RNG (t and eps draws, dropout) so a resumed run continues the same random stream.

@@ -264,3 +264,29 @@ def plot_prediction_maps(predict, reference, labels, ts: Sequence[float], class_
     axes[0].legend(markerscale=8, fontsize="x-small", loc="best")
     fig.suptitle(title)
     return fig
+
+
+def plot_metric_series(series: Mapping[str, Sequence[tuple]], xlabel: str, ylabel: str, numeric: bool = True,
+                       title: str = "") -> Figure:
+    """Sweep results: {label: [(x, y), ...]} as lines over numeric x (sorted), or grouped bars otherwise."""
+    fig = _new_figure((6.0, 4.0))
+    ax = fig.add_subplot()
+    if numeric:
+        for i, (label, pts) in enumerate(series.items()):
+            pts = sorted((float(x), float(y)) for x, y in pts)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i % 10}", label=label)
+    else:
+        cats = sorted({str(x) for pts in series.values() for x, _ in pts})
+        width = 0.8 / max(len(series), 1)
+        for i, (label, pts) in enumerate(series.items()):
+            values = dict((str(x), float(y)) for x, y in pts)
+            xs = [j + i * width for j, c in enumerate(cats) if c in values]
+            ax.bar(xs, [values[c] for c in cats if c in values], width=width, color=f"C{i % 10}", label=label)
+        ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(cats))], cats)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if len(series) > 1:
+        ax.legend(fontsize="small")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return fig

@@ -30,6 +30,7 @@ from diffusion_lab.callbacks import EMA
 from diffusion_lab.guidance import ClassifierGuidance, requested_labels
 from diffusion_lab.guidance import describe as guidance_describe
 from diffusion_lab.metrics import class_metrics, point_metrics
+from diffusion_lab.report import training_facts, write_report
 from diffusion_lab.samplers import nfe
 
 
@@ -88,25 +89,33 @@ def generate_and_evaluate(module, datamodule, cfg: DictConfig, run_dir: Path, pr
     if labels is not None and not module.num_classes and not isinstance(guidance, ClassifierGuidance):
         raise ConfigError(f"eval.classes={ev.classes}: the model is unconditional (model.num_classes=0); class "
                           "requests need a class-conditional model or guidance=classifier guidance.ckpt=<ckpt>")
+    _check_eval_inputs(ev)  # before sampling: a typo must not cost a whole generation
     n_total = n if labels is None else len(labels)
     batch = ev.get("batch_size") or n_total
     frames = _Frames(dict(getattr(sampler, "keywords", {})).get("steps", 1), batch=min(batch, n_total)) \
         if images else None
     t0 = time.perf_counter()
-    generator = torch.Generator().manual_seed(int(ev.seed))
-    samples = module.sample(n_total, generator=generator, cond=labels, sampler=sampler, batch_size=batch,
-                            callback=frames, guidance=guidance).float().cpu()
+    # Under DDP every rank draws its share and the samples are gathered once; rank 0 scores and writes.
+    samples = module.sample_sharded(n_total, int(ev.seed), cond=labels, sampler=sampler, batch_size=batch,
+                                    callback=frames, guidance=guidance).float().cpu()
     sample_time = time.perf_counter() - t0
+    if not module.is_rank_zero:
+        return {"metrics": {}}
     torch.save({"samples": samples, "labels": labels}, run_dir / "samples.pt")
     np.savez(run_dir / "samples.npz", samples=samples.numpy(),
              **({} if labels is None else {"labels": labels.numpy()}))
+    extra_protocol: dict = {}
     if images:
         metrics = evaluate_images(samples, run_dir, frames.frames if frames else None, labels, n)
+        fid_metrics, extra_protocol = image_fidelity(imageio.to_uint8(samples), datamodule, cfg, module.device)
+        metrics |= fid_metrics
     else:
         metrics = evaluate_samples(samples, datamodule, run_dir, title=protocol.get("title", ""), labels=labels)
     if ev.get("judge"):
-        metrics |= judge_metrics(samples, labels, ev.judge, names)
-    protocol = {**protocol, **_sampler_protocol(sampler, module), **guidance_describe(guidance),
+        judged, judge_protocol = judge_metrics(samples, labels, ev.judge, names, datamodule)
+        metrics |= judged
+        extra_protocol |= judge_protocol
+    protocol = {**protocol, **_sampler_protocol(sampler, module), **guidance_describe(guidance), **extra_protocol,
                 "classes": groups or None, "n_samples": n_total,
                 **({"n_per_class": n} if labels is not None else {}),
                 "sample_seed": int(ev.seed), "sample_precision": module.sample_precision or "fp32",
@@ -118,21 +127,89 @@ def generate_and_evaluate(module, datamodule, cfg: DictConfig, run_dir: Path, pr
     return results
 
 
-def judge_metrics(samples: torch.Tensor, labels: torch.Tensor | None, judge: str, names: list[str]) -> dict:
-    """Accuracy of a clean classifier checkpoint (eval.judge) on the class-requested samples."""
+def _check_eval_inputs(ev: DictConfig) -> None:
+    """eval.metrics names, the Inception weights file and the judge checkpoint, checked up front."""
+    from diffusion_lab.fidelity import METRICS
+
+    wanted = list(ev.get("metrics") or [])
+    bad = [m for m in wanted if m not in METRICS]
+    if bad:
+        raise ConfigError(f"eval.metrics={wanted}: unknown {bad}; expected a subset of {list(METRICS)}")
+    weights = OmegaConf.select(ev, "fidelity.weights")
+    if wanted and weights and not Path(weights).is_file():
+        raise ConfigError(f"eval.fidelity.weights={weights}: file not found (expected Inception weights for "
+                          "torch-fidelity, or null to download them)")
+    if ev.get("judge"):
+        try:
+            load_checkpoint(ev.judge)
+        except ConfigError as exc:
+            raise ConfigError(f"eval.judge: {exc}") from exc
+
+
+def image_fidelity(samples_u8: torch.Tensor, datamodule, cfg: DictConfig, device) -> tuple[dict, dict]:
+    """cfg.eval.metrics (fid, kid, isc) of uint8 samples against the configured reference split, with the
+    reference features cached on disk; -> (metrics, protocol entries)."""
+    from diffusion_lab.fidelity import METRICS, InceptionFeatures, ReferenceCache, fidelity_metrics
+
+    ev = cfg.eval
+    wanted = list(ev.get("metrics") or [])
+    if not wanted:
+        return {}, {}
+    bad = [m for m in wanted if m not in METRICS]
+    if bad:
+        raise ConfigError(f"eval.metrics={wanted}: unknown {bad}; expected a subset of {list(METRICS)}")
+    fc, ref_cfg = ev.fidelity, ev.reference
+    try:
+        extractor = InceptionFeatures(fc.get("weights"), device, int(fc.batch_size))
+    except ValueError as exc:
+        raise ConfigError(f"eval.fidelity.{exc}") from exc
+    n_ref = int(ref_cfg.get("n") or len(samples_u8))
+    cache = ReferenceCache(fc.get("cache_dir"))
+    key = cache.key(datamodule.name, ref_cfg.split, datamodule.shape, extractor, n_ref, datamodule.seed)
+    t0 = time.perf_counter()
+    ref, hit = cache.get(key, lambda: extractor(datamodule.real_uint8(ref_cfg.split, n_ref)))
+    gen = extractor(samples_u8)
+    values, notes = fidelity_metrics(gen, ref, wanted, int(fc.kid_subsets), int(fc.kid_subset_size))
+    protocol = {"image_metrics": wanted, "n_generated_for_metrics": len(samples_u8),
+                "reference": {"dataset": datamodule.name, "split": ref_cfg.split, "n": len(ref["2048"]),
+                              "subset_seed": datamodule.seed, "cache_key": key, "cache_hit": hit},
+                **extractor.describe(), "quantisation": "samples -> uint8 exactly as real images (to_uint8)",
+                "metric_seconds": round(time.perf_counter() - t0, 2), **notes}
+    return values, protocol
+
+
+def judge_metrics(samples: torch.Tensor, labels: torch.Tensor | None, judge: str, names: list[str],
+                  datamodule=None) -> tuple[dict, dict]:
+    """A clean classifier checkpoint (eval.judge) on the class-requested samples: accuracy per class and,
+    with image data, the Fréchet distance between its features of the samples and of as many real
+    test images (a cheap CPU stand-in for FID on MNIST)."""
     from diffusion_lab.classifier import load_classifier
 
     if labels is None or not bool((labels >= 0).any()):
         raise ConfigError(f"eval.judge={judge}: judging needs class requests (eval.classes=all or a list)")
     net, info = load_classifier(judge)
     keep = labels >= 0
-    with torch.no_grad():
-        pred = torch.cat([net(x, torch.zeros(len(x))).argmax(1) for x in samples[keep].split(1024)])
-    want = labels[keep]
+    x, want = samples[keep], labels[keep]
+
+    @torch.no_grad()
+    def features(batch):
+        return torch.cat([net.features(b, torch.zeros(len(b))) for b in batch.split(1024)])
+
+    f_gen = features(x)
+    pred = net.head(f_gen).argmax(1)
     out = {"judge_accuracy": float((pred == want).float().mean())}
     for c in want.unique().tolist():
         out[f"judge_accuracy/{names[c] if c < len(names) else c}"] = float((pred[want == c] == c).float().mean())
-    return out
+    protocol = {"judge": str(judge), "judge_step": info["step"]}
+    if getattr(datamodule, "kind", "points") == "images":
+        from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+        real = datamodule.from_uint8(datamodule.real_uint8("test", len(x)))
+        stats = [fid_features_to_statistics(f.float()) for f in (f_gen, features(real))]
+        out["judge_fd"] = fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
+        protocol["judge_fd"] = (f"Fréchet distance of the judge's penultimate features: {len(x)} samples vs "
+                                f"{len(real)} real test images")
+    return out, protocol
 
 
 def evaluate_images(samples: torch.Tensor, run_dir: Path, frames: list | None = None,
@@ -194,8 +271,12 @@ def _metric_protocol(datamodule) -> dict:
 
 
 def _save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
+    """config.yaml, written atomically (DDP ranks may write the same file at the same time)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".tmp_", suffix=".yaml")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, run_dir / "config.yaml")
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -216,21 +297,32 @@ def fit(cfg: DictConfig, run_dir: Path):
     t0 = time.perf_counter()
     trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=_resume_path(cfg, run_dir))
     seconds = time.perf_counter() - t0
-    _save_loss_curve(run_dir)
+    if trainer.is_global_zero:
+        _save_loss_curve(run_dir)
     return parts, trainer, seconds
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Fit, then sample with EMA weights, evaluate and plot."""
     t0 = time.perf_counter()
+    _check_eval_inputs(cfg.eval)  # a bad eval setting must fail before training, not after it
+    if cfg.eval.get("classes") is not None and not OmegaConf.select(cfg, "data.num_classes", default=0):
+        raise ConfigError(f"eval.classes={cfg.eval.classes}: the data are unconditional (data.num_classes=0)")
     parts, trainer, train_seconds = fit(cfg, run_dir)
     uses_ema = any(isinstance(c, EMA) for c in trainer.callbacks)
     last = run_dir / "checkpoints" / "last.ckpt"
     protocol = {"task": "train", "checkpoint": str(last), "step": trainer.global_step, "ema": uses_ema,
+                "world_size": trainer.world_size,
                 "seed": int(cfg.seed), "train_seconds": round(train_seconds, 2), "title": cfg.get("name", ""),
                 **_metric_protocol(parts.datamodule)}
     results = generate_and_evaluate(parts.module, parts.datamodule, cfg, run_dir, protocol, wall_start=t0)
+    if not trainer.is_global_zero:  # DDP: the other ranks drew their share of the samples; rank 0 writes
+        return results
     _log_final(trainer, results, run_dir)
+    facts = training_facts(trainer, parts.module.net, int(cfg.data.batch_size), train_seconds, run_dir)
+    write_report(run_dir, f"{cfg.get('name', 'run')}: training report", facts, results,
+                 {"Loss curve": "loss_curve.png", "Samples (EMA weights)": "samples.png",
+                  "Samples per class": "samples_per_class.png", "Denoising trajectory": "trajectory.png"})
     return results
 
 
@@ -272,6 +364,17 @@ def _log_final(trainer, results: dict, run_dir: Path) -> None:
     logger.experiment.flush()
 
 
+def eval_device(cfg: DictConfig) -> torch.device:
+    """cfg.eval.device: auto = the first CUDA device when there is one, else the CPU."""
+    name = str(cfg.eval.get("device", "auto"))
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"eval.device={name}: expected auto, cpu, cuda or cuda:N") from exc
+
+
 def _restore(cfg: DictConfig) -> tuple:
     """Checkpoint + its saved config -> (module with weights, datamodule, saved cfg, ckpt, used_ema)."""
     if not cfg.get("ckpt"):
@@ -298,39 +401,58 @@ def _sampler_override(cfg: DictConfig, saved: DictConfig, schedule):
     return sampler
 
 
-def sample(cfg: DictConfig, run_dir: Path) -> dict:
+def sample(cfg: DictConfig, run_dir: Path, task_name: str = "sample") -> dict:
     """Reload a checkpoint with its saved config and draw cfg.eval.n_samples with any sampler and guidance
     (cfg.guidance when set, else the checkpoint's own)."""
+    t0 = time.perf_counter()
+    _check_eval_inputs(cfg.eval)
     parts, saved, ckpt, used_ema = _restore(cfg)
-    module = parts.module
+    module = parts.module.to(eval_device(cfg))
     _save_resolved_config(cfg, run_dir)
     sampler = _sampler_override(cfg, saved, module.objective.schedule)
     if cfg.get("guidance") is not None:
         module.guidance = make_guidance(cfg, module.net, module.objective.schedule)
     if str(cfg.eval.get("precision", "auto")) != "auto":
         module.sample_precision = sample_precision(cfg)
-    protocol = {"task": "sample", "checkpoint": str(cfg.ckpt), "step": ckpt.get("global_step"), "ema": used_ema,
+    protocol = {"task": task_name, "checkpoint": str(cfg.ckpt), "step": ckpt.get("global_step"), "ema": used_ema,
                 "seed": int(cfg.seed), "title": cfg.get("name") or saved.get("name", ""),
                 **_metric_protocol(parts.datamodule)}
     parts.datamodule.setup()
-    return generate_and_evaluate(module, parts.datamodule, cfg, run_dir, protocol, sampler=sampler)
+    return generate_and_evaluate(module, parts.datamodule, cfg, run_dir, protocol, sampler=sampler, wall_start=t0)
+
+
+def read_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(samples, labels or None) from a samples.pt ({"samples", "labels"}) or samples.npz written by a run."""
+    try:
+        if path.suffix == ".pt":
+            blob = torch.load(path, weights_only=True)
+            samples, labels = blob["samples"], blob.get("labels")
+        else:
+            with np.load(path) as npz:
+                samples = torch.from_numpy(npz["samples"])
+                labels = torch.from_numpy(npz["labels"]) if "labels" in npz.files else None
+    except Exception as exc:
+        raise ConfigError(f"samples={path}: cannot be read as a samples file with a 'samples' array "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from exc
+    if labels is not None and len(labels) != len(samples):
+        raise ConfigError(f"samples={path}: {len(samples)} samples but {len(labels)} labels")
+    return samples, labels
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     """Metrics for a sample file (samples=<.pt/.npz>) or, like `sample`, for a checkpoint."""
     if not cfg.get("samples"):
-        return sample(cfg, run_dir)
+        return sample(cfg, run_dir, task_name="evaluate")
     path = Path(cfg.samples)
     if not path.is_file():
         raise ConfigError(f"samples={path}: file not found (expected a samples.pt or samples.npz)")
-    samples = (torch.load(path, weights_only=True)["samples"] if path.suffix == ".pt"
-               else torch.from_numpy(np.load(path)["samples"]))
+    samples, labels = read_samples(path)
     datamodule = make(cfg, "data")
     datamodule.setup()
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate_samples(samples.float(), datamodule, run_dir, title=path.name)
+    metrics = evaluate_samples(samples.float(), datamodule, run_dir, title=path.name, labels=labels)
     results = {"metrics": metrics, "protocol": {"task": "evaluate", "samples": str(path), "n_samples": len(samples),
-                                                **_metric_protocol(datamodule)}}
+                                                "labelled": labels is not None, **_metric_protocol(datamodule)}}
     write_json(run_dir / "results.json", results)
     return results
 
@@ -364,6 +486,7 @@ def explore(cfg: DictConfig, run_dir: Path) -> dict:
         logger.experiment.add_image("data/train_grid", image, 0)
         logger.experiment.add_text("data/stats", f"```\n{json.dumps(stats, indent=1)}\n```", 0)
         logger.experiment.flush()
-    results = {"metrics": {}, "protocol": {"task": "explore", "seed": int(cfg.seed)}, "stats": stats}
+    results = {"metrics": {}, "protocol": {"task": "explore", "seed": int(cfg.seed), "device": str(eval_device(cfg))},
+               "stats": stats}
     write_json(run_dir / "results.json", results)
     return results

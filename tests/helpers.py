@@ -28,7 +28,8 @@ def compose_cfg(overrides: list[str], run_dir: Path | None = None) -> DictConfig
     return cfg
 
 
-def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from helpers import CONF, compose_cfg, run_cli
+from omegaconf import OmegaConf
 
-from diffusion_lab.build import ConfigError, build, build_trainer
+from diffusion_lab.build import ConfigError, build, build_trainer, make
+from diffusion_lab.classifier import TASK_TARGET
 
 GROUPS = ["data", "model", "schedule", "objective", "sampler", "optimizer", "lr_scheduler", "trainer",
-          "callbacks", "logger", "task", "experiment"]
+          "callbacks", "logger", "task", "experiment", "guidance", "classifier", "sweep"]
 
 
 def choices(group: str) -> list[str]:
@@ -32,7 +35,25 @@ def test_every_choice_composes_and_builds(group, choice, tmp_path):
         overrides.append("model=unet_tiny")
     if group == "model" and choice != "mlp":
         overrides.append("data=" + {"unet_celeba64": "celeba64", "unet_cifar": "cifar10"}.get(choice, "mnist"))
+    if group == "guidance" and choice == "cfg":
+        overrides.append("model.num_classes=5")
+    if group == "classifier" and choice == "conv":
+        overrides.append("data=mnist")
+    if group == "task" and choice == "train_classifier":
+        overrides.append("classifier=mlp")
     cfg = compose_cfg(overrides, tmp_path)
+    if group == "sweep":  # sweep configs only add hydra.sweeper settings (and a task) to any experiment
+        assert cfg.get("eval") is not None
+        return
+    if OmegaConf.select(cfg, "task._target_") == TASK_TARGET or group == "classifier":
+        net = make(cfg, "classifier")
+        assert net(torch.zeros(2, *make(cfg, "data").shape)).shape == (2, cfg.data.num_classes)
+        build_trainer(cfg, tmp_path)
+        return
+    if OmegaConf.select(cfg, "guidance._target_", default="").endswith("ClassifierGuidance"):
+        with pytest.raises(ConfigError, match="guidance.ckpt=None: classifier guidance needs"):
+            build(cfg)  # needs a classifier checkpoint on the command line (tested end to end elsewhere)
+        return
     parts = build(cfg)
     assert parts.module.sample_shape == tuple(parts.datamodule.shape)
     build_trainer(cfg, tmp_path)

@@ -246,6 +246,14 @@ def test_states_guided_end_to_end(states_runs, tmp_path):
     assert saved["labels"].tolist() == torch.tensor([0, 1, 2, 3, 4, -1]).repeat_interleave(60).tolist()
     for name in ("samples.png", "samples_per_class.png", "samples.npz"):
         assert (tmp_path / name).is_file(), name
+    # read-back: task=evaluate on the written samples file reproduces the per-class metrics
+    again = tmp_path / "evaluate"
+    proc = run_cli(["task=evaluate", f"samples={tmp_path / 'samples.npz'}", f"hydra.run.dir={again}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    re_res = _results(again)
+    assert re_res["protocol"]["labelled"] is True
+    for key in ("nll", "nll/Ohio", "accuracy/Michigan", "nll_class_max"):
+        assert re_res["metrics"][key] == pytest.approx(res["metrics"][key], rel=1e-6), key
 
 
 def test_guidance_errors_are_one_line(states_runs, tmp_path):
@@ -309,3 +317,17 @@ def test_mnist_cfg_debug_fast_with_judge(mnist_judge, tmp_path):
     assert monitor and Image.open(monitor[0]).size == (10 * 30 + 2, 1 * 30 + 2)  # debug=fast: n=4 < 10 -> 1 each
     labels = torch.load(run / "samples.pt", weights_only=True)["labels"]
     assert labels.tolist() == np.repeat(np.arange(10), 3).tolist()
+
+
+def test_cifar10_cfg_by_override(tmp_path):
+    """CFG on a U-Net experiment without a dedicated config: labels in, null label for dropout, guided grid."""
+    proc = run_cli(["experiment=cifar10_ddpm", "debug=fast", "callbacks.progress=null", "model=unet_tiny",
+                    "data.num_classes=10", "model.num_classes=10", "objective.p_uncond=0.1", "guidance=cfg",
+                    "guidance.scale=3",
+                    "eval.classes=[class0,3]", "eval.n_samples=2", *data_overrides("cifar10", tmp_path),
+                    f"hydra.run.dir={tmp_path / 'run'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proto = _results(tmp_path / "run")["protocol"]
+    assert proto["classes"] == ["class0", "class3"] and proto["n_samples"] == 4 and proto["guidance_scale"] == 3.0
+    labels = torch.load(tmp_path / "run" / "samples.pt", weights_only=True)["labels"]
+    assert labels.tolist() == [0, 0, 3, 3]
