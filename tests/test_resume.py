@@ -109,7 +109,7 @@ def test_ema_update_matches_closed_form_with_and_without_warmup():
         torch.testing.assert_close(ema[0], expect)
 
 
-def test_every_epoch_has_its_batches_when_the_loop_stops_at_len():
+def test_every_epoch_has_its_batches_when_the_loop_stops_at_len(tmp_path):
     """Lightning takes exactly len() batches and never exhausts the iterator: the next epoch must still
     yield all its batches (a bug once made every other epoch empty and doubled the epoch count)."""
     import lightning as L
@@ -118,7 +118,7 @@ def test_every_epoch_has_its_batches_when_the_loop_stops_at_len():
     from diffusion_lab.build import build, build_trainer
 
     cfg = compose_cfg(["callbacks=minimal", "trainer.max_steps=250", "trainer.enable_progress_bar=false",
-                       "trainer.enable_model_summary=false", "logger=none", "data.steps_per_epoch=100"])
+                       "trainer.enable_model_summary=false", "logger=none", "data.steps_per_epoch=100"], tmp_path)
     parts = build(cfg)
     ends = []
 
