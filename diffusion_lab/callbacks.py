@@ -162,12 +162,10 @@ class MetricMonitor(L.Callback):
 
         if getattr(datamodule, "kind", "points") != "images":
             return point_metrics(samples, datamodule.reference(), getattr(datamodule, "heldout", None))
-        from diffusion_lab.fidelity import InceptionFeatures, ReferenceCache, fidelity_metrics
+        from diffusion_lab.fidelity import InceptionFeatures, ReferenceCache, fidelity_metrics, reference_features
 
         if self._extractor is None:
             self._extractor = InceptionFeatures(self.weights, device)
-        cache = ReferenceCache(self.cache_dir)
-        key = cache.key(datamodule.name, self.reference_split, datamodule.shape, self._extractor, len(samples),
-                        datamodule.seed)
-        ref, _ = cache.get(key, lambda: self._extractor(datamodule.real_uint8(self.reference_split, len(samples))))
+        ref = reference_features(self._extractor, ReferenceCache(self.cache_dir), datamodule, self.reference_split,
+                                 len(samples))[0]
         return fidelity_metrics(self._extractor(imageio.to_uint8(samples)), ref, self.metrics)[0]

@@ -21,6 +21,7 @@ from diffusion_lab import plots
 from diffusion_lab.build import ConfigError, build_trainer, load_checkpoint, make, module_state, resolved
 from diffusion_lab.callbacks import SampleMonitor
 from diffusion_lab.data.images import from_uint8
+from diffusion_lab.optim import optimizer_config
 from diffusion_lab.report import training_facts, write_report
 from diffusion_lab.schedules import NoisePath, broadcast_to
 
@@ -87,11 +88,7 @@ class ClassifierModule(L.LightningModule):
         self.log("val/accuracy", acc, batch_size=len(batch["x"]), prog_bar=True)
 
     def configure_optimizers(self):
-        opt = self.optimizer_factory(self.net.parameters())
-        if self.lr_scheduler_factory is None:
-            return opt
-        return {"optimizer": opt,
-                "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
+        return optimizer_config(self.net.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["config"] = self.config

@@ -113,6 +113,14 @@ class ReferenceCache:
         return feats, False
 
 
+def reference_features(extractor: InceptionFeatures, cache: ReferenceCache, datamodule, split: str,
+                       n: int) -> tuple[dict[str, Tensor], str, bool]:
+    """Features of n real images of `split` (a seeded subset), from the cache when present -> (features, key, hit)."""
+    key = cache.key(datamodule.name, split, datamodule.shape, extractor, n, datamodule.seed)
+    feats, hit = cache.get(key, lambda: extractor(datamodule.real_uint8(split, n)))
+    return feats, key, hit
+
+
 def fidelity_metrics(gen: dict[str, Tensor], ref: dict[str, Tensor], metrics: Sequence[str] = ("fid", "kid"),
                      kid_subsets: int = 100, kid_subset_size: int = 1000, isc_splits: int = 10,
                      rng_seed: int = 2020) -> tuple[dict[str, float], dict]:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_lab.objectives import Objective
+from diffusion_lab.optim import optimizer_config
 from diffusion_lab.samplers import make_denoiser
 
 
@@ -93,11 +94,7 @@ class DiffusionModule(L.LightningModule):
                 self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def configure_optimizers(self):
-        opt = self.optimizer_factory(self.net.parameters())
-        if self.lr_scheduler_factory is None:
-            return opt
-        return {"optimizer": opt,
-                "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
+        return optimizer_config(self.net.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
 
     @property
     def num_classes(self) -> int:

@@ -29,3 +29,12 @@ def exponential_decay(optimizer: Optimizer, final_factor: float = 0.1, total_ste
     if not 0 < final_factor <= 1 or total_steps < 1:
         raise ValueError(f"final_factor={final_factor}, total_steps={total_steps}: expected (0, 1] and >= 1")
     return LambdaLR(optimizer, lambda step: final_factor ** (min(step, total_steps) / total_steps))
+
+
+def optimizer_config(params, optimizer_factory, lr_scheduler_factory=None):
+    """What a LightningModule's configure_optimizers returns: the optimizer, plus its LR schedule stepped
+    every optimizer step when one is configured."""
+    opt = optimizer_factory(params)
+    if lr_scheduler_factory is None:
+        return opt
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": lr_scheduler_factory(opt), "interval": "step"}}

@@ -21,16 +21,29 @@ def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
+def read_scalars(run_dir: Path, tag: str) -> tuple[list, list]:
+    """(steps, values) of a scalar logged to TensorBoard, read back from the run's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps, values = [], []
+    for path in sorted(run_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags().get("scalars", []):
+            for ev in acc.Scalars(tag):
+                steps.append(ev.step)
+                values.append(ev.value)
+    return steps, values
+
+
 def training_facts(trainer, net: torch.nn.Module, batch_size: int, train_seconds: float, run_dir: Path) -> dict:
     """Model size, effective batch, iterations, epochs, wall time, device-hours, throughput, final loss."""
-    from diffusion_lab.tasks import _scalars
-
     devices = max(1, int(getattr(trainer, "num_devices", 1) or 1)) * max(1, int(getattr(trainer, "num_nodes", 1) or 1))
     accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
     accelerator = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
     hours = train_seconds * devices / 3600
-    _, throughput = _scalars(run_dir, "train/samples_per_sec")
-    _, losses = _scalars(run_dir, "train/loss")
+    _, throughput = read_scalars(run_dir, "train/samples_per_sec")
+    _, losses = read_scalars(run_dir, "train/loss")
     tail = losses[-max(1, len(losses) // 10):]
     return {
         "parameters": count_parameters(net),

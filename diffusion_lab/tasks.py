@@ -27,10 +27,17 @@ from diffusion_lab.build import (
     sample_precision,
 )
 from diffusion_lab.callbacks import EMA
+from diffusion_lab.evaluation import (
+    check_eval_inputs,
+    evaluate_images,
+    evaluate_samples,
+    image_fidelity,
+    judge_metrics,
+    metric_protocol,
+)
 from diffusion_lab.guidance import ClassifierGuidance, requested_labels
 from diffusion_lab.guidance import describe as guidance_describe
-from diffusion_lab.metrics import class_metrics, point_metrics
-from diffusion_lab.report import training_facts, write_report
+from diffusion_lab.report import read_scalars, training_facts, write_report
 from diffusion_lab.samplers import nfe
 
 
@@ -89,7 +96,7 @@ def generate_and_evaluate(module, datamodule, cfg: DictConfig, run_dir: Path, pr
     if labels is not None and not module.num_classes and not isinstance(guidance, ClassifierGuidance):
         raise ConfigError(f"eval.classes={ev.classes}: the model is unconditional (model.num_classes=0); class "
                           "requests need a class-conditional model or guidance=classifier guidance.ckpt=<ckpt>")
-    _check_eval_inputs(ev)  # before sampling: a typo must not cost a whole generation
+    check_eval_inputs(ev)  # before sampling: a typo must not cost a whole generation
     n_total = n if labels is None else len(labels)
     batch = ev.get("batch_size") or n_total
     frames = _Frames(dict(getattr(sampler, "keywords", {})).get("steps", 1), batch=min(batch, n_total)) \
@@ -127,149 +134,6 @@ def generate_and_evaluate(module, datamodule, cfg: DictConfig, run_dir: Path, pr
     return results
 
 
-def _check_eval_inputs(ev: DictConfig) -> None:
-    """eval.metrics names, the Inception weights file and the judge checkpoint, checked up front."""
-    from diffusion_lab.fidelity import METRICS
-
-    wanted = list(ev.get("metrics") or [])
-    bad = [m for m in wanted if m not in METRICS]
-    if bad:
-        raise ConfigError(f"eval.metrics={wanted}: unknown {bad}; expected a subset of {list(METRICS)}")
-    weights = OmegaConf.select(ev, "fidelity.weights")
-    if wanted and weights and not Path(weights).is_file():
-        raise ConfigError(f"eval.fidelity.weights={weights}: file not found (expected Inception weights for "
-                          "torch-fidelity, or null to download them)")
-    if ev.get("judge"):
-        try:
-            load_checkpoint(ev.judge)
-        except ConfigError as exc:
-            raise ConfigError(f"eval.judge: {exc}") from exc
-
-
-def image_fidelity(samples_u8: torch.Tensor, datamodule, cfg: DictConfig, device) -> tuple[dict, dict]:
-    """cfg.eval.metrics (fid, kid, isc) of uint8 samples against the configured reference split, with the
-    reference features cached on disk; -> (metrics, protocol entries)."""
-    from diffusion_lab.fidelity import METRICS, InceptionFeatures, ReferenceCache, fidelity_metrics
-
-    ev = cfg.eval
-    wanted = list(ev.get("metrics") or [])
-    if not wanted:
-        return {}, {}
-    bad = [m for m in wanted if m not in METRICS]
-    if bad:
-        raise ConfigError(f"eval.metrics={wanted}: unknown {bad}; expected a subset of {list(METRICS)}")
-    fc, ref_cfg = ev.fidelity, ev.reference
-    try:
-        extractor = InceptionFeatures(fc.get("weights"), device, int(fc.batch_size))
-    except ValueError as exc:
-        raise ConfigError(f"eval.fidelity.{exc}") from exc
-    n_ref = int(ref_cfg.get("n") or len(samples_u8))
-    cache = ReferenceCache(fc.get("cache_dir"))
-    key = cache.key(datamodule.name, ref_cfg.split, datamodule.shape, extractor, n_ref, datamodule.seed)
-    t0 = time.perf_counter()
-    ref, hit = cache.get(key, lambda: extractor(datamodule.real_uint8(ref_cfg.split, n_ref)))
-    gen = extractor(samples_u8)
-    values, notes = fidelity_metrics(gen, ref, wanted, int(fc.kid_subsets), int(fc.kid_subset_size))
-    protocol = {"image_metrics": wanted, "n_generated_for_metrics": len(samples_u8),
-                "reference": {"dataset": datamodule.name, "split": ref_cfg.split, "n": len(ref["2048"]),
-                              "subset_seed": datamodule.seed, "cache_key": key, "cache_hit": hit},
-                **extractor.describe(), "quantisation": "samples -> uint8 exactly as real images (to_uint8)",
-                "metric_seconds": round(time.perf_counter() - t0, 2), **notes}
-    return values, protocol
-
-
-def judge_metrics(samples: torch.Tensor, labels: torch.Tensor | None, judge: str, names: list[str],
-                  datamodule=None) -> tuple[dict, dict]:
-    """A clean classifier checkpoint (eval.judge) on the class-requested samples: accuracy per class and,
-    with image data, the Fréchet distance between its features of the samples and of as many real
-    test images (a cheap CPU stand-in for FID on MNIST)."""
-    from diffusion_lab.classifier import load_classifier
-
-    if labels is None or not bool((labels >= 0).any()):
-        raise ConfigError(f"eval.judge={judge}: judging needs class requests (eval.classes=all or a list)")
-    net, info = load_classifier(judge)
-    keep = labels >= 0
-    x, want = samples[keep], labels[keep]
-
-    @torch.no_grad()
-    def features(batch):
-        return torch.cat([net.features(b, torch.zeros(len(b))) for b in batch.split(1024)])
-
-    f_gen = features(x)
-    pred = net.head(f_gen).argmax(1)
-    out = {"judge_accuracy": float((pred == want).float().mean())}
-    for c in want.unique().tolist():
-        out[f"judge_accuracy/{names[c] if c < len(names) else c}"] = float((pred[want == c] == c).float().mean())
-    protocol = {"judge": str(judge), "judge_step": info["step"]}
-    if getattr(datamodule, "kind", "points") == "images":
-        from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-
-        real = datamodule.from_uint8(datamodule.real_uint8("test", len(x)))
-        stats = [fid_features_to_statistics(f.float()) for f in (f_gen, features(real))]
-        out["judge_fd"] = fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
-        protocol["judge_fd"] = (f"Fréchet distance of the judge's penultimate features: {len(x)} samples vs "
-                                f"{len(real)} real test images")
-    return out, protocol
-
-
-def evaluate_images(samples: torch.Tensor, run_dir: Path, frames: list | None = None,
-                    labels: torch.Tensor | None = None, per_class: int | None = None) -> dict:
-    """Image outputs: a PNG grid, one PNG per image (for external FID tools), the denoising strip and GIF."""
-    if labels is None:
-        imageio.save_grid(samples[:64], run_dir / "samples.png")
-    else:
-        grid, ncols = imageio.class_grid(samples, per_class)
-        imageio.save_grid(grid, run_dir / "samples.png", nrow=ncols)
-    imageio.export_pngs(samples, run_dir / "samples")
-    if frames:
-        strip = imageio.trajectory_strip(frames, n_rows=min(4, len(frames[0])))
-        imageio.save_grid(strip[None], run_dir / "trajectory.png", nrow=1)
-        imageio.save_gif([imageio.grid_image(f) for f in frames], run_dir / "sampling.gif")
-    u8 = imageio.to_uint8(samples).float()
-    return {"n_images": len(samples), "pixel_mean": float(u8.mean()), "pixel_std": float(u8.std())}
-
-
-def evaluate_samples(samples: torch.Tensor, datamodule, run_dir: Path, title: str = "",
-                     labels: torch.Tensor | None = None) -> dict:
-    """Low-dimensional metrics (STATES KDE NLL protocol + bandwidth-free distances) and the sample plots.
-
-    With class requests: `nll` etc. are those of the unconditional rows (all rows if none), and
-    class_metrics adds nll/<class> (KDE on all true points), nll_own/<class> and accuracy/<class>.
-    """
-    reference = datamodule.reference()
-    if labels is None:
-        metrics = point_metrics(samples, reference, datamodule.heldout)
-        plots.save_figure(plots.render_samples(samples, datamodule, title=f"{title} NLL {metrics['nll']:.3f}"),
-                          run_dir / "samples.png")
-        return metrics
-    uncond = labels < 0
-    metrics = point_metrics(samples[uncond] if uncond.any() else samples, reference, datamodule.heldout)
-    names = list(datamodule.class_names)
-    true_x, true_y = datamodule.labelled("train")
-    metrics |= class_metrics(samples, labels, true_x, true_y, names)
-    cond = ~uncond
-    plots.save_figure(plots.render_samples(samples[cond], datamodule, labels=labels[cond],
-                                           title=f"{title}: samples by requested class"), run_dir / "samples.png")
-    if datamodule.dim == 2:
-        panels = {}
-        if uncond.any():
-            panels[f"unconditional (NLL {metrics['nll']:.3f})"] = samples[uncond]
-        for c in labels[cond].unique().tolist():
-            panels[f"{names[c]} (NLL {metrics[f'nll/{names[c]}']:.3f})"] = samples[labels == c]
-        plots.save_figure(plots.plot_points_grid(panels, reference=reference, title=title),
-                          run_dir / "samples_per_class.png")
-    return metrics
-
-
-def _metric_protocol(datamodule) -> dict:
-    if getattr(datamodule, "kind", "points") == "images":
-        return {"data": datamodule.describe()}
-    return {"data": datamodule.describe(),
-            "nll": "mean -log pdf of samples under scipy.stats.gaussian_kde (Scott bandwidth) fitted on all "
-                   "true points",
-            "energy_distance / sliced_w1": "to held-out points (data.heldout)"}
-
-
 def _save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
     """config.yaml, written atomically (DDP ranks may write the same file at the same time)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -305,7 +169,7 @@ def fit(cfg: DictConfig, run_dir: Path):
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Fit, then sample with EMA weights, evaluate and plot."""
     t0 = time.perf_counter()
-    _check_eval_inputs(cfg.eval)  # a bad eval setting must fail before training, not after it
+    check_eval_inputs(cfg.eval)  # a bad eval setting must fail before training, not after it
     if cfg.eval.get("classes") is not None and not OmegaConf.select(cfg, "data.num_classes", default=0):
         raise ConfigError(f"eval.classes={cfg.eval.classes}: the data are unconditional (data.num_classes=0)")
     parts, trainer, train_seconds = fit(cfg, run_dir)
@@ -314,7 +178,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     protocol = {"task": "train", "checkpoint": str(last), "step": trainer.global_step, "ema": uses_ema,
                 "world_size": trainer.world_size,
                 "seed": int(cfg.seed), "train_seconds": round(train_seconds, 2), "title": cfg.get("name", ""),
-                **_metric_protocol(parts.datamodule)}
+                **metric_protocol(parts.datamodule)}
     results = generate_and_evaluate(parts.module, parts.datamodule, cfg, run_dir, protocol, wall_start=t0)
     if not trainer.is_global_zero:  # DDP: the other ranks drew their share of the samples; rank 0 writes
         return results
@@ -326,26 +190,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return results
 
 
-def _scalars(run_dir: Path, tag: str) -> tuple[list, list]:
-    """(steps, values) of a scalar logged to TensorBoard, read back from the run's event files."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    steps, values = [], []
-    for path in sorted(run_dir.rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags().get("scalars", []):
-            for ev in acc.Scalars(tag):
-                steps.append(ev.step)
-                values.append(ev.value)
-    return steps, values
-
-
 def _save_loss_curve(run_dir: Path) -> None:
     """Plot train/loss (and val/loss when a validation loop logged it) from the TensorBoard events."""
-    steps, losses = _scalars(run_dir, "train/loss")
+    steps, losses = read_scalars(run_dir, "train/loss")
     if steps:
-        fig = plots.plot_loss_curve(steps, losses, title="train/loss", val=_scalars(run_dir, "val/loss"))
+        fig = plots.plot_loss_curve(steps, losses, title="train/loss", val=read_scalars(run_dir, "val/loss"))
         plots.save_figure(fig, run_dir / "loss_curve.png")
 
 
@@ -405,7 +254,7 @@ def sample(cfg: DictConfig, run_dir: Path, task_name: str = "sample") -> dict:
     """Reload a checkpoint with its saved config and draw cfg.eval.n_samples with any sampler and guidance
     (cfg.guidance when set, else the checkpoint's own)."""
     t0 = time.perf_counter()
-    _check_eval_inputs(cfg.eval)
+    check_eval_inputs(cfg.eval)
     parts, saved, ckpt, used_ema = _restore(cfg)
     module = parts.module.to(eval_device(cfg))
     _save_resolved_config(cfg, run_dir)
@@ -416,7 +265,7 @@ def sample(cfg: DictConfig, run_dir: Path, task_name: str = "sample") -> dict:
         module.sample_precision = sample_precision(cfg)
     protocol = {"task": task_name, "checkpoint": str(cfg.ckpt), "step": ckpt.get("global_step"), "ema": used_ema,
                 "seed": int(cfg.seed), "title": cfg.get("name") or saved.get("name", ""),
-                **_metric_protocol(parts.datamodule)}
+                **metric_protocol(parts.datamodule)}
     parts.datamodule.setup()
     return generate_and_evaluate(module, parts.datamodule, cfg, run_dir, protocol, sampler=sampler, wall_start=t0)
 
@@ -452,7 +301,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = evaluate_samples(samples.float(), datamodule, run_dir, title=path.name, labels=labels)
     results = {"metrics": metrics, "protocol": {"task": "evaluate", "samples": str(path), "n_samples": len(samples),
-                                                "labelled": labels is not None, **_metric_protocol(datamodule)}}
+                                                "labelled": labels is not None, **metric_protocol(datamodule)}}
     write_json(run_dir / "results.json", results)
     return results
 

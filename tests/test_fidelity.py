@@ -96,7 +96,7 @@ def test_unknown_metric_is_refused():
 @needs_weights
 @needs_mnist
 def test_reference_cache_is_hit_on_the_second_evaluation(tmp_path, mnist):
-    from diffusion_lab.tasks import image_fidelity
+    from diffusion_lab.evaluation import image_fidelity
 
     cfg = compose_cfg(["experiment=mnist_ddpm", f"data.root={MNIST_ROOT}", "eval.metrics=[fid,kid]",
                        f"eval.fidelity.weights={WEIGHTS}", f"eval.fidelity.cache_dir={tmp_path / 'cache'}"])
@@ -165,9 +165,9 @@ def test_states_report_md(tmp_path):
         assert f"]({png})" in report and (tmp_path / png).is_file()
     assert '"sampler": "ancestral"' in report  # the protocol block
     assert float(rows["final loss mean last 10pct"]) > 0
-    from diffusion_lab.tasks import _scalars
+    from diffusion_lab.report import read_scalars
 
-    steps, values = _scalars(tmp_path, "eval_during/nll")  # in-training evaluation, read back from TensorBoard
+    steps, values = read_scalars(tmp_path, "eval_during/nll")  # in-training evaluation, read back from TensorBoard
     assert steps == [10, 20] and all(1.5 < v < 6 for v in values)
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from helpers import FAST, run_cli
 
+from diffusion_lab.report import read_scalars
 from diffusion_lab.sweeps import collect
-from diffusion_lab.tasks import _scalars
 
 TINY = [*FAST, "trainer.max_steps=20", "eval.n_samples=200", "timesteps=50", "sampler.steps=20",
         "callbacks.checkpoint.every_n_train_steps=10"]
@@ -39,7 +39,7 @@ def test_parametrization_sweep_with_joblib_then_collector(tmp_path):
         want = json.loads((job / "results.json").read_text())["metrics"]["nll"]
         assert float(row["metric:nll"]) == pytest.approx(want)
         # TensorBoard HPARAMS view: each job's metrics, read back from its event file
-        assert _scalars(job / "tensorboard" / "hparams", "hparams/nll")[1] == [pytest.approx(want)]
+        assert read_scalars(job / "tensorboard" / "hparams", "hparams/nll")[1] == [pytest.approx(want)]
     table = (sweep / "results.md").read_text()
     assert "| objective |" in table.splitlines()[0] and table.count("| ok |") == 3
     assert (sweep / "plot_nll_vs_objective.png").is_file()
