@@ -21,25 +21,43 @@ class DiffusionModule(L.LightningModule):
     """Trains `net` with `objective.loss`; `sample` runs `sampler` over the (net, objective) denoiser.
 
     Options: `channels_last` (images), `compile` (torch.compile of the training forward),
-    `nonfinite` ("raise" stops naming the step, "skip" drops the step), `overfit` (fixed t and noise
-    every step: with one fixed batch the loss must go to ~0, a wiring check).
+    `nonfinite` ("raise" stops naming the step, "skip" drops the step), `nonfinite_check` (when the
+    host looks at the loss, see below), `overfit` (fixed t and noise every step: with one fixed batch
+    the loss must go to ~0, a wiring check).
+
+    Non-finite losses never reach the weights. nonfinite_check="step" reads the loss on the host every
+    step (free on a CPU, a pipeline stall per step on a GPU). "deferred" keeps the step sync-free: the
+    fused optimizer gets the loss's non-finite flag as its `found_inf` (the GradScaler mechanism), so the
+    update is skipped on the device, and the host reads the flag only on logging steps, before every
+    checkpoint and at the end, raising there (naming the first bad step) or logging the skipped count.
+    "auto" is deferred on accelerators with a fused optimizer and no GradScaler, else step.
     """
 
     def __init__(self, net: nn.Module, objective: Objective, optimizer: Callable, sampler: Callable,
                  sample_shape: tuple[int, ...], lr_scheduler: Callable | None = None,
                  config: dict | None = None, channels_last: bool = False, compile: bool = False,
                  nonfinite: str = "raise", overfit: bool = False, guidance=None,
-                 sample_precision: str | None = None):
+                 sample_precision: str | None = None, compile_mode: str | None = None,
+                 nonfinite_check: str = "auto"):
         super().__init__()
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite={nonfinite!r}: expected 'raise' or 'skip'")
+        if nonfinite_check not in ("auto", "step", "deferred"):
+            raise ValueError(f"nonfinite_check={nonfinite_check!r}: expected 'auto', 'step' or 'deferred'")
+        self.nonfinite_check = nonfinite_check
+        self._bad_steps = self._first_bad = None  # device-side counters of the deferred check
         self.net, self.objective, self.sampler = net, objective, sampler
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.sample_shape = tuple(sample_shape)
         self.config = config  # resolved run config, stored in every checkpoint (reload = build + load)
         self.channels_last = channels_last and len(self.sample_shape) == 3
         self.nonfinite, self.overfit = nonfinite, overfit
-        self.compile = compile
+        # compile_mode: torch.compile's mode; "reduce-overhead" captures CUDA graphs (small nets on GPUs,
+        # where launch overhead dominates), "max-autotune" also searches kernels. None: the default mode.
+        if compile_mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+            raise ValueError(f"compile_mode={compile_mode!r}: expected null, 'default', 'reduce-overhead', "
+                             "'max-autotune' or 'max-autotune-no-cudagraphs'")
+        self.compile, self.compile_mode = compile, compile_mode
         # Guidance (diffusion_lab.guidance) is a sampling setting, not a submodule: its classifier stays
         # out of the state_dict and the EMA. sample_precision: autocast dtype for sampling (None = fp32).
         if sample_precision not in (None, "bf16", "fp16"):
@@ -60,7 +78,7 @@ class DiffusionModule(L.LightningModule):
         if not self.compile:
             return self.net
         if "_compiled" not in self.__dict__:
-            self.__dict__["_compiled"] = torch.compile(self.net)
+            self.__dict__["_compiled"] = torch.compile(self.net, mode=self.compile_mode)
         return self.__dict__["_compiled"]
 
     def _prepare(self, x: Tensor) -> Tensor:
@@ -71,13 +89,17 @@ class DiffusionModule(L.LightningModule):
         per_sample, t = self.objective.loss(self._train_net(), self._prepare(batch["x"]), batch.get("cond"),
                                             generator=generator)
         loss = per_sample.mean()
-        if not torch.isfinite(loss):  # one host sync per step: the price of never saving NaN weights
+        if self._deferred_check():
+            self._flag_nonfinite(~torch.isfinite(loss.detach()))
+        elif not torch.isfinite(loss):  # one host sync per step: the price of never saving NaN weights
             if self.nonfinite == "skip":
                 self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
                 return None  # Lightning skips backward and the optimizer step
             raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at step {self.global_step}; "
                                      "no checkpoint was written with it")
         self.log("train/loss", loss, prog_bar=True)
+        if not self._is_log_step():  # self.log costs ~0.7 ms a call: a fifth of a small model's step
+            return loss
         # Loss per timestep quartile: where in t the model is still bad (t=0 data, t=1 noise).
         quartile = (t * 4).ceil().clamp(1, 4).long() - 1
         sums = torch.zeros(4, device=t.device).index_add_(0, quartile, per_sample.detach().float())
@@ -86,15 +108,80 @@ class DiffusionModule(L.LightningModule):
             self.log(f"train/loss_t_q{q + 1}", value)
         return loss
 
+    def _deferred_check(self) -> bool:
+        if self.nonfinite_check == "step":
+            return False
+        optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # it sets found_inf itself
+        if self.nonfinite_check == "deferred":
+            if not fused or scaler is not None:
+                raise ValueError("train.nonfinite_check=deferred needs a fused optimizer (optimizer.fused=true) "
+                                 "and no fp16 GradScaler")
+            return True
+        return fused and scaler is None and self.device.type != "cpu"
+
+    def _flag_nonfinite(self, bad: Tensor) -> None:
+        """Deferred check, no host sync: the fused step skips the update where `bad`, counters stay on
+        the device, and the host reads them on logging steps (before this step's update)."""
+        self.trainer.optimizers[0].found_inf = bad.float()
+        if self._bad_steps is None:
+            self._bad_steps = torch.zeros((), dtype=torch.long, device=bad.device)
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=bad.device)
+        self._first_bad = torch.where((self._first_bad < 0) & bad, self.global_step, self._first_bad)
+        self._bad_steps += bad
+        if self._is_log_step():
+            self._check_nonfinite()
+
+    def _check_nonfinite(self) -> None:
+        """Host read of the deferred counters: raise naming the first bad step, or log the skipped count."""
+        if self._bad_steps is None:
+            return
+        count = int(self._bad_steps)
+        if count and self.nonfinite == "raise":
+            raise NonFiniteLossError(f"non-finite training loss at step {int(self._first_bad)} ({count} step(s) "
+                                     "so far); the fused optimizer skipped those updates on the device, and no "
+                                     "checkpoint was written with them")
+        if count:
+            self.log("train/skipped_nonfinite", float(count), reduce_fx="sum")
+            self._bad_steps.zero_()
+
+    def on_train_end(self) -> None:
+        if self.nonfinite == "raise":
+            self._check_nonfinite()
+        elif self._bad_steps is not None and int(self._bad_steps) and self.logger is not None:
+            # skips after the last logging step (self.log is not allowed here): straight to the logger
+            self.logger.log_metrics({"train/skipped_nonfinite": float(self._bad_steps)}, step=self.global_step)
+            self._bad_steps.zero_()
+
+    def _is_log_step(self) -> bool:
+        """Steps whose extra metrics reach the logger (every trainer.log_every_n_steps)."""
+        return self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0
+
     def on_before_optimizer_step(self, optimizer) -> None:
         # Grad norm only on logging steps: computing it every step would add a host sync.
-        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+        if self._is_log_step():
             grads = [p.grad for p in self.net.parameters() if p.grad is not None]
             if grads:
                 self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def configure_optimizers(self):
         return optimizer_config(self.net.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning refuses to clip under any mixed precision when the optimizer unscales internally (fused
+        # Adam/AdamW), but only a GradScaler (fp16) makes that unsafe: with bf16 or fp32 the grads are the
+        # true grads, so clip them here (foreach kernels) and keep the fused optimizer step.
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if gradient_clip_val and fused and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            algorithm = str(getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm) or "norm")
+            params = [p for p in self.net.parameters() if p.grad is not None]
+            if algorithm == "norm":
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
+            else:
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     @property
     def num_classes(self) -> int:
@@ -154,6 +241,8 @@ class DiffusionModule(L.LightningModule):
         return self.all_gather(x).flatten(0, 1)[:n]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.nonfinite == "raise" and self._trainer is not None and self.trainer.training:
+            self._check_nonfinite()  # deferred check: a checkpoint is never written after a bad step
         checkpoint["config"] = self.config
         # Global RNG (t and eps draws, dropout) so a resumed run continues the same random stream.
         checkpoint["rng"] = {"torch": torch.get_rng_state(),

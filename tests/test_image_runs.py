@@ -131,6 +131,52 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_good_checkpoint(tmp_path
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
 
+def test_deferred_nonfinite_check_raises_at_the_next_checkpoint_naming_the_first_bad_step(tmp_path):
+    """nonfinite_check=deferred (the sync-free GPU path, forced here on the CPU): the fused step skips the
+    poisoned updates on the device, the checkpoint after the bad step is refused, the error names step 5."""
+    cfg = compose_cfg(["callbacks=minimal", "callbacks.checkpoint.every_n_train_steps=2", "trainer.max_steps=10",
+                       "data.batch_size=64", "callbacks.ema=null", "trainer.enable_progress_bar=false",
+                       "trainer.enable_model_summary=false", "train.nonfinite_check=deferred",
+                       "trainer.log_every_n_steps=50"], tmp_path)
+    parts = build(cfg)
+    trainer = build_trainer(cfg, tmp_path)
+    trainer.callbacks.append(_PoisonAt(step=5))
+    with pytest.raises(NonFiniteLossError, match="at step 5 "):
+        trainer.fit(parts.module, datamodule=parts.datamodule)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+class _NanLossAt(L.Callback):
+    """Makes the batch of the given steps NaN, so their loss (not the weights) is non-finite."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step in self.steps:
+            batch["x"] = batch["x"] * float("nan")
+
+
+def test_deferred_skip_leaves_the_weights_and_the_adam_step_count_untouched(tmp_path):
+    cfg = compose_cfg(["callbacks=minimal", "callbacks.checkpoint=null", "trainer.max_steps=8", "data.batch_size=64",
+                       "callbacks.ema=null", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+                       "train.nonfinite=skip", "train.nonfinite_check=deferred", "logger=csv",
+                       "trainer.log_every_n_steps=4", "trainer.gradient_clip_val=1.0"], tmp_path)
+    parts = build(cfg)
+    trainer = build_trainer(cfg, tmp_path)
+    trainer.callbacks.append(_NanLossAt({2, 3, 6}))
+    trainer.fit(parts.module, datamodule=parts.datamodule)
+    assert all(torch.isfinite(p).all() for p in parts.module.net.parameters())
+    steps = {int(state["step"]) for state in trainer.optimizers[0].state.values()}
+    assert steps == {8 - 3}  # Adam's own step counter rolled back for the 3 skipped updates
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    assert sum(float(r["train/skipped_nonfinite"]) for r in rows if r.get("train/skipped_nonfinite")) == 3
+
+
 @pytest.mark.parametrize("experiment", ["mnist_ddpm", "states"])
 def test_explore_task_writes_grid_and_stats(experiment, tmp_path):
     run = tmp_path / "run"
