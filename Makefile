@@ -31,15 +31,21 @@ test-slow: install
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check diffusion_lab tests run.py sweeps
+	$(BIN)/ruff check diffusion_lab tests run.py sweeps benchmarks
 
 format: install
-	$(BIN)/ruff format diffusion_lab tests run.py sweeps
+	$(BIN)/ruff format diffusion_lab tests run.py sweeps benchmarks
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir $(LOGDIR) --bind_all
 
-bench: install
+# diffusers is installed only here (the bench extra), never by `make install`.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench.py $(ARGS)
 
 clean:

@@ -1,174 +1,289 @@
-"""Training-throughput benchmark: img/s of real training steps (data, forward, backward, optimizer, EMA).
+"""Performance benchmark: ours vs diffusers (training step, sampling loop), MFU, evaluation throughput,
+MNIST end to end vs a plain DataLoader loop, and STATES time to quality.
 
-    python benchmarks/bench.py [--quick] [--out benchmarks/results.json]
+    make bench                        # everything, on CUDA if present else the CPU (~8 min on 2 cores)
+    python benchmarks/bench.py --sections train,sample --quick
 
-For each net preset it trains through the same build() + Lightning Trainer as `run.py` and times the
-steps after a warm-up. Axes: precision (fp32 / bf16 autocast), channels_last, and the data path
-(GPU/CPU-resident uint8 tensor with per-batch conversion vs a torch DataLoader doing per-item
-conversion, the usual torchvision-transform pipeline). Results go to JSON and to benchmarks/RESULTS.md.
+Every section runs both sides in the same process, on the same device, on the same bytes. Results go
+to benchmarks/results/<cpu|cuda>.json, and benchmarks/RESULTS.md is re-rendered from all result files
+(machine, versions and date in each section's header).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
-from torch.utils.data import DataLoader, Dataset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(ROOT), str(HERE)]
 
-from diffusion_lab.build import build  # noqa: E402
-from diffusion_lab.callbacks import EMA  # noqa: E402
+import baselines  # noqa: E402
+import harness  # noqa: E402
+import ours  # noqa: E402
+import report  # noqa: E402
+from baselines import T_TRAIN  # noqa: E402
 
-PRESETS = {  # name: (model preset, data shape, batch on CPU, batch on GPU)
-    "simple_unet": ("simple_unet", (1, 28, 28), 128, 512),
-    "unet_cifar": ("unet_cifar", (3, 32, 32), 8, 128),
+SECTIONS = ("peak", "train", "sample", "eval", "e2e", "states")
+# Equal-size pairs: our preset -> (experiment it runs in, image shape, hflip, batch CPU, batch CUDA, overrides).
+# unet_cifar is Ho et al.'s CIFAR-10 model (35.75M params on both sides); unet_tiny is a small DDPM UNet
+# on MNIST-shaped data (mnist_ddpm's simple_unet `hidden` key does not apply to it).
+PAIRS = {
+    "unet_cifar": ("cifar10_ddpm", (3, 32, 32), True, 8, 128, []),
+    "unet_tiny": ("mnist_ddpm", (1, 28, 28), False, 64, 512, ["~model.hidden"]),
 }
+PRECISIONS = {"cpu": ("32-true", "bf16-mixed"), "cuda": ("32-true", "bf16-mixed")}
 
 
-class StepTimer(L.Callback):
-    """Wall time of the steps after `warmup` (synchronising CUDA at the two ends only)."""
-
-    def __init__(self, warmup: int):
-        self.warmup, self.t0, self.t1, self.images = warmup, None, None, 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.warmup:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.t0 is not None:
-            self.images += batch["x"].shape[0]
-
-    def on_train_end(self, trainer, pl_module):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.t1 = time.perf_counter()
+def synthetic_u8(shape, n: int = 2048) -> torch.Tensor:
+    return torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
-class PerItemImages(Dataset):
-    """The DataLoader baseline: uint8 images converted one item at a time, as torchvision transforms do."""
-
-    def __init__(self, u8: torch.Tensor):
-        self.u8 = u8
-
-    def __len__(self):
-        return len(self.u8)
-
-    def __getitem__(self, i):
-        x = self.u8[i].float() / 127.5 - 1
-        if torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x
+def _ours_forward(shape):
+    """forward(net, batch) for FLOP counting: our nets take t in [0, 1]."""
+    return lambda net, b: net(torch.randn(b, *shape), torch.rand(b))
 
 
-class SyntheticImages(L.LightningDataModule):
-    """Random uint8 images of a given shape, served resident (index draws) or through a DataLoader."""
-
-    kind = "images"
-
-    def __init__(self, shape, batch_size: int, resident: bool, n: int = 4096):
-        super().__init__()
-        self.shape, self.batch_size, self.resident = tuple(shape), batch_size, resident
-        self.u8 = torch.randint(0, 256, (n, *shape), dtype=torch.uint8)
-
-    def train_dataloader(self):
-        if self.resident:
-            from diffusion_lab.data.lowdim import InMemoryBatches
-
-            flip = lambda b, seed: {"x": torch.where(torch.rand(len(b["x"]), 1, 1, 1) < 0.5, b["x"].flip(-1),
-                                                     b["x"]).float() / 127.5 - 1, "cond": None}
-            return InMemoryBatches(self.u8, None, self.batch_size, 10**6, seed=0, transform=flip)
-        loader = DataLoader(PerItemImages(self.u8), batch_size=self.batch_size, shuffle=True, drop_last=True,
-                            num_workers=0)
-        return _DictLoader(loader)
+def _diffusers_forward(shape):
+    """UNet2DModel takes integer timesteps and returns an output object."""
+    return lambda net, b: net(torch.randn(b, *shape), torch.randint(0, T_TRAIN, (b,))).sample
 
 
-class _DictLoader:
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        while True:
-            for x in self.loader:
-                yield {"x": x, "cond": None}
+def section_peak(device: str, quick: bool) -> dict:
+    dtypes = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16}
+    if device == "cuda":
+        dtypes["16-mixed"] = torch.float16
+        torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 peak is true fp32, like our fp32 runs
+    return {p: harness.matmul_peak(device, dt, seconds=0.5 if quick else 2.0) for p, dt in dtypes.items()}
 
 
-def run_case(preset: str, precision: str, channels_last: bool, resident: bool, steps: int, warmup: int,
-             device: str) -> dict:
-    model, shape, cpu_batch, gpu_batch = PRESETS[preset]
-    batch = gpu_batch if device == "cuda" else cpu_batch
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "experiment=mnist_ddpm" if shape[0] == 1 else "experiment=cifar10_ddpm", f"model={model}",
-            f"train.channels_last={str(channels_last).lower()}", "callbacks=minimal", "callbacks.checkpoint=null",
-            "logger=none", "lr_scheduler=constant", "data.download=false"])
-    with open_dict(cfg):
-        cfg.name, cfg.run_dir = "bench", "/tmp/diffusion_lab_bench"
-    parts = build(cfg)
-    timer = StepTimer(warmup)
-    trainer = L.Trainer(max_steps=warmup + steps, precision=precision, accelerator=device, devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[timer, EMA(decay=0.999)])
-    trainer.fit(parts.module, datamodule=SyntheticImages(shape, batch, resident))
-    seconds = timer.t1 - timer.t0
-    params = sum(p.numel() for p in parts.module.net.parameters())
-    return {"preset": preset, "params": params, "batch": batch, "precision": precision,
-            "channels_last": channels_last, "data": "resident" if resident else "DataLoader",
-            "steps": steps, "img_per_s": round(timer.images / seconds, 2)}
+def section_train(device: str, quick: bool, peaks: dict) -> list[dict]:
+    rows = []
+    for preset, (experiment, shape, hflip, cpu_batch, gpu_batch, extra) in PAIRS.items():
+        batch = gpu_batch if device == "cuda" else cpu_batch
+        steps, warmup = (40, 10) if device == "cuda" else ({"unet_cifar": 6, "unet_tiny": 15}[preset], 2)
+        steps = max(2, steps // 3) if quick else steps
+        u8 = synthetic_u8(shape)
+        flops = {}
+        for precision in PRECISIONS[device]:
+            for cl in (False, True):
+                cfg = ours.bench_cfg(experiment, precision, cl, warmup + steps,
+                                     [f"model={preset}", f"data.batch_size={batch}", "data.download=false", *extra])
+                rate, module = ours.train(cfg, device, warmup, ours.ResidentData(u8, batch, hflip))
+                if "ours" not in flops:
+                    flops["ours"] = harness.training_flops_per_image(
+                        module.net, _ours_forward(shape))
+                    mcfg = ours.model_cfg(cfg)
+                rows.append(_train_row("ours", preset, harness.params(module.net), batch, precision, cl, rate,
+                                       flops["ours"], peaks))
+                del module
+                net = baselines.diffusers_unet(mcfg, shape[0], shape[1])
+                if "diffusers" not in flops:
+                    flops["diffusers"] = harness.training_flops_per_image(
+                        net, _diffusers_forward(shape))
+                rate = baselines.train_diffusers(net, u8, batch, precision, cl, steps, warmup, device, hflip)
+                rows.append(_train_row("diffusers", preset, harness.params(net), batch, precision, cl, rate,
+                                       flops["diffusers"], peaks))
+                print(json.dumps(rows[-2]), json.dumps(rows[-1]), sep="\n", flush=True)
+    return rows
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+def _train_row(side, preset, params, batch, precision, cl, rate, flops, peaks) -> dict:
+    return {"side": side, "preset": preset, "params": params, "batch": batch, "precision": precision,
+            "channels_last": cl, "img_per_s": round(rate, 2), "gflop_per_img": round(flops / 1e9, 2),
+            "mfu": round(harness.mfu(flops, rate, peaks[precision]), 4)}
 
 
-def to_markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| preset | params | batch | precision | channels_last | data | img/s |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['preset']} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['precision']} | "
-                     f"{r['channels_last']} | {r['data']} | **{r['img_per_s']}** |")
-    return "\n".join(lines) + "\n"
+def section_sample(device: str, quick: bool, peaks: dict) -> list[dict]:
+    """DDIM sampling, both sides, both memory formats (channels_last helps the CIFAR U-Net's sampling
+    on CPUs and hurts small GroupNorm nets in bf16, so each side is compared at its faster one)."""
+    rows = []
+    for preset, (experiment, shape, _, cpu_batch, _, extra) in PAIRS.items():
+        n, steps = (1000, 100) if device == "cuda" else (cpu_batch, 20 if preset == "unet_cifar" else 50)
+        steps = max(4, steps // 4) if quick else steps
+        for precision in PRECISIONS[device]:
+            for cl in (False, True):
+                cfg = ours.bench_cfg(experiment, precision, cl, 1, [f"model={preset}", "data.download=false", *extra])
+                dtype = "bf16" if precision == "bf16-mixed" else None
+                module = ours.module_for(cfg, device)
+                mcfg = ours.model_cfg(cfg)
+                fwd = harness.forward_flops_per_image(module.net, _ours_forward(shape))
+                ours.sample(module, min(n, 8), 2, device, dtype)  # warm-up (allocator, oneDNN/cuDNN kernels)
+                t0 = time.perf_counter()
+                ours.sample(module, n, steps, device, dtype)
+                ours_s = time.perf_counter() - t0
+                del module
+                net = baselines.diffusers_unet(mcfg, shape[0], shape[1])
+                baselines.sample_diffusers(net, min(n, 8), shape, 2, precision, cl, device)
+                harness.sync(device)
+                t0 = time.perf_counter()
+                baselines.sample_diffusers(net, n, shape, steps, precision, cl, device)
+                harness.sync(device)
+                diff_s = time.perf_counter() - t0
+                for side, seconds in (("ours", ours_s), ("diffusers", diff_s)):
+                    rate = n / seconds
+                    rows.append({"side": side, "preset": preset, "n": n, "steps": steps, "precision": precision,
+                                 "channels_last": cl, "seconds": round(seconds, 3), "img_per_s": round(rate, 2),
+                                 "mfu": round(harness.mfu(fwd * steps, rate, peaks[precision]), 4)})
+                print(json.dumps(rows[-2]), json.dumps(rows[-1]), sep="\n", flush=True)
+    # Per-step overhead of the loops themselves: a zero-cost net, small batch, many steps.
+    cfg = ours.bench_cfg("cifar10_ddpm", "32-true", False, 1, ["data.download=false"])
+    steps, n = (100, 8) if quick else (500, 8)
+    null = ours.null_module(cfg, device)
+    ours.sample(null, n, 5, device, None)
+    t0 = time.perf_counter()
+    ours.sample(null, n, steps, device, None)
+    ours_us = (time.perf_counter() - t0) / steps * 1e6
+    baselines.sample_diffusers(baselines.NullUNet(), n, (3, 32, 32), 5, "32-true", False, device)
+    t0 = time.perf_counter()
+    baselines.sample_diffusers(baselines.NullUNet(), n, (3, 32, 32), steps, "32-true", False, device)
+    diff_us = (time.perf_counter() - t0) / steps * 1e6
+    rows.append({"side": "overhead", "us_per_step_ours": round(ours_us, 1), "us_per_step_diffusers": round(diff_us, 1),
+                 "steps": steps, "n": n})
+    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def section_eval(device: str, quick: bool) -> dict:
+    """Inception feature throughput and a KID/FID evaluation with a cold and a warm reference cache."""
+    from diffusion_lab.fidelity import InceptionFeatures, ReferenceCache, fidelity_metrics
+
+    weights = os.environ.get("DIFFUSION_LAB_INCEPTION")
+    try:
+        extractor = InceptionFeatures(weights, device=device, batch_size=200 if device == "cuda" else 64)
+    except Exception as exc:  # no weights file and no network: say so, do not fake a number
+        return {"skipped": f"Inception weights unavailable ({type(exc).__name__}: {str(exc)[:160]}); "
+                           "set DIFFUSION_LAB_INCEPTION to a local torch-fidelity .pth"}
+    n = 1000 if device == "cuda" else (32 if quick else 128)
+    gen, ref = synthetic_u8((3, 32, 32), n), synthetic_u8((3, 32, 32), n).flip(0)
+    extractor(gen[:8])
+    harness.sync(device)
+    t0 = time.perf_counter()
+    extractor(gen)
+    harness.sync(device)
+    feat_rate = n / (time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = ReferenceCache(tmp)
+        key = cache.key("bench", "train", ref.shape[1:], extractor, n, 0)
+        walls = []
+        for _ in range(2):  # cold: reference + generated features; warm: generated only (cache hit)
+            t0 = time.perf_counter()
+            ref_feats, hit = cache.get(key, lambda: extractor(ref))
+            fidelity_metrics(extractor(gen), ref_feats, metrics=("fid", "kid"), kid_subset_size=min(n, 1000))
+            walls.append((time.perf_counter() - t0, hit))
+    return {"n": n, "inception_img_per_s": round(feat_rate, 1), "fid_kid_cold_s": round(walls[0][0], 2),
+            "fid_kid_warm_s": round(walls[1][0], 2), "warm_was_cache_hit": walls[1][1],
+            "weights": extractor.describe()["weights"]}
+
+
+def section_e2e(device: str, quick: bool) -> list[dict]:
+    """MNIST simple_unet: our full pipeline (experiment=mnist_ddpm) vs the plain DataLoader loop."""
+    root = os.environ.get("DIFFUSION_LAB_DATA", str(ROOT / "data"))
+    rows = []
+    for precision in PRECISIONS[device]:
+        steps, warmup = (200, 20) if device == "cuda" else ((30 if precision == "bf16-mixed" else 10), 3)
+        steps = max(3, steps // 3) if quick else steps
+        cfg = ours.bench_cfg("mnist_ddpm", precision, True, warmup + steps, [f"data.root={root}"])
+        try:  # only a missing dataset skips the section; any other failure is a real error
+            ours.build(cfg).datamodule.setup()
+        except Exception as exc:
+            return [{"skipped": f"MNIST unavailable under {root} ({type(exc).__name__}: {str(exc)[:160]}); "
+                                "set DIFFUSION_LAB_DATA or allow the download"}]
+        rate, module = ours.train(cfg, device, warmup)
+        net_cfg = ours.model_cfg(cfg)
+        rows.append({"side": "ours", "precision": precision, "channels_last": True, "batch": 128,
+                     "img_per_s": round(rate, 2), "params": harness.params(module.net)})
+        del module
+        for workers in (0, 2):
+            from diffusion_lab.nets import SimpleUNet
+
+            net = SimpleUNet(**{k: v for k, v in net_cfg.items() if k != "_target_"})
+            rate = baselines.plain_loop_mnist(root, net, precision, steps, warmup, device, num_workers=workers)
+            rows.append({"side": f"plain DataLoader (num_workers={workers})", "precision": precision,
+                         "channels_last": False, "batch": 128, "img_per_s": round(rate, 2),
+                         "params": harness.params(net)})
+        for r in rows[-3:]:
+            print(json.dumps(r), flush=True)
+    return rows
+
+
+def section_states(quick: bool) -> list[dict]:
+    """Wall time from `python run.py experiment=<states recipe>` start to its results.json (NLL on 5000
+    samples, the course protocol), in a fresh process, as a user would launch it."""
+    rows = []
+    recipes = [("states_fast", [])] if quick else [("states_fast", []), ("states", [])]
+    for experiment, extra in recipes:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, str(ROOT / "run.py"), f"experiment={experiment}", f"hydra.run.dir={tmp}",
+                   "callbacks.progress=null", "trainer.enable_progress_bar=false", *extra]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if proc.returncode:
+                rows.append({"experiment": experiment, "error": proc.stderr.strip().splitlines()[-1:]})
+                continue
+            res = json.loads((Path(tmp) / "results.json").read_text())
+            proto = res["protocol"]
+            rows.append({"experiment": experiment, "wall_s": round(wall, 1), "train_s": proto.get("train_seconds"),
+                         "sampling_s": proto.get("sampling_seconds"), "steps": proto.get("step"),
+                         "nll": round(res["metrics"]["nll"], 4), "n_samples": proto["data"]["n"],
+                         "sampler": f"{proto.get('sampler')}-{proto.get('steps')}"})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
-    ap.add_argument("--presets", default="simple_unet,unet_cifar")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
-    ap.add_argument("--results-md", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    ap.add_argument("--quick", action="store_true", help="fewer steps everywhere (smoke run, noisier numbers)")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>.json)")
+    ap.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = []
-    for preset in args.presets.split(","):
-        steps = {"simple_unet": 60, "unet_cifar": 8}[preset] // (3 if args.quick else 1) or 2
-        cases = [("32-true", False, True), ("bf16-mixed", False, True), ("bf16-mixed", True, True),
-                 ("32-true", True, True), ("bf16-mixed", True, False)]
-        for precision, cl, resident in cases:
-            row = run_case(preset, precision, cl, resident, steps=steps, warmup=2, device=device)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    header = (f"### Training throughput — {machine()} — torch {torch.__version__}, lightning {L.__version__} — "
-              f"{stamp}")
-    Path(args.out).write_text(json.dumps({"machine": machine(), "date": stamp, "rows": rows}, indent=2))
-    md = Path(args.results_md)
-    md.write_text((md.read_text() if md.exists() else "# Benchmark results\n\n") + "\n" + to_markdown(rows, header))
-    print(to_markdown(rows, header))
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        ap.error(f"--sections: unknown {sorted(unknown)}; expected a comma list of {', '.join(SECTIONS)}")
+    device = args.device
+    out = Path(args.out or HERE / "results" / f"{device}.json")
+    result = json.loads(out.read_text()) if out.exists() else {}  # sections not re-run keep their numbers
+    seconds = result.setdefault("section_seconds", {})
+    t_start = time.perf_counter()
+    result["machine"] = harness.machine(device)
+    needs_peak = {"peak", "train", "sample"} & set(sections)
+    peaks = section_peak(device, args.quick) if needs_peak else result.get("peak_flops")
+    result["peak_flops"] = {k: round(v) for k, v in peaks.items()} if peaks else None
+    print("matmul peak (TFLOP/s):", {k: round(v / 1e12, 2) for k, v in (peaks or {}).items()}, flush=True)
+    if peaks is not None:
+        seconds["peak"] = round(time.perf_counter() - t_start, 1)
+    runners = {"train": lambda: section_train(device, args.quick, peaks),
+               "sample": lambda: section_sample(device, args.quick, peaks),
+               "eval": lambda: section_eval(device, args.quick),
+               "e2e": lambda: section_e2e(device, args.quick),
+               "states": lambda: section_states(args.quick)}
+    for name, run in runners.items():
+        if name in sections:
+            t0 = time.perf_counter()
+            result[name] = run()
+            seconds[name] = round(time.perf_counter() - t0, 1)
+            if name == "eval":
+                print(json.dumps(result["eval"]), flush=True)
+    result["bench_seconds"] = round(sum(seconds.values()), 1)  # all sections, also those from earlier runs
+    result["quick"] = args.quick
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    md = report.render(HERE / "results")
+    Path(args.results_md).write_text(md)
+    print(report.summary(result))
+    print(f"\nwrote {out} and {args.results_md} ({result['bench_seconds']} s)")
 
 
 if __name__ == "__main__":
