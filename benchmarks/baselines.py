@@ -43,20 +43,10 @@ def diffusers_unet(model_cfg: dict, in_channels: int, image_size: int):
     return UNet2DModel(**diffusers_unet_config(model_cfg, in_channels, image_size))
 
 
-def resident_batches(u8: torch.Tensor, batch: int, device: str, hflip: bool):
-    """The same data path as ours (a uint8 tensor on the device, per-batch flip and scaling), so the
-    training comparison is step against step."""
-    u8 = u8.to(device)
-    while True:
-        x = u8[torch.randint(len(u8), (batch,), device=device)].float() / 127.5 - 1
-        if hflip:
-            x = torch.where(torch.rand(batch, 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
-        yield x
-
-
-def train_diffusers(model, u8: torch.Tensor, batch: int, precision: str, channels_last: bool, steps: int,
-                    warmup: int, device: str, hflip: bool = True) -> float:
-    """img/s of diffusers' train_unconditional step (with EMA and clipping) on resident batches."""
+def train_diffusers(model, batches, batch: int, precision: str, channels_last: bool, steps: int, warmup: int,
+                    device: str) -> float:
+    """img/s of diffusers' train_unconditional step (with EMA and clipping). `batches` yields the same
+    {"x": images in [-1, 1]} dicts, on `device`, that our side trains on (ours.ResidentData's loader)."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
@@ -68,10 +58,10 @@ def train_diffusers(model, u8: torch.Tensor, batch: int, precision: str, channel
     ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75,
                    foreach=True)
     ema.to(device)
-    timer, data = LoopTimer(device, warmup), resident_batches(u8, batch, device, hflip)
+    timer, data = LoopTimer(device, warmup), iter(batches)
     for i in range(warmup + steps):
         timer.tick(i, batch)
-        clean = next(data)
+        clean = next(data)["x"]
         if channels_last:
             clean = clean.contiguous(memory_format=torch.channels_last)
         noise = torch.randn_like(clean)

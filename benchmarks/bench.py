@@ -89,7 +89,10 @@ def section_train(device: str, quick: bool, peaks: dict) -> list[dict]:
                 if "diffusers" not in flops:
                     flops["diffusers"] = harness.training_flops_per_image(
                         net, _diffusers_forward(shape))
-                rate = baselines.train_diffusers(net, u8, batch, precision, cl, steps, warmup, device, hflip)
+                data = ours.ResidentData(u8, batch, hflip)
+                data.to_device(device)
+                rate = baselines.train_diffusers(net, data.train_dataloader(), batch, precision, cl, steps, warmup,
+                                                 device)
                 rows.append(_train_row("diffusers", preset, harness.params(net), batch, precision, cl, rate,
                                        flops["diffusers"], peaks))
                 print(json.dumps(rows[-2]), json.dumps(rows[-1]), sep="\n", flush=True)
@@ -109,13 +112,15 @@ def section_sample(device: str, quick: bool, peaks: dict) -> list[dict]:
     for preset, (experiment, shape, _, cpu_batch, _, extra) in PAIRS.items():
         n, steps = (1000, 100) if device == "cuda" else (cpu_batch, 20 if preset == "unet_cifar" else 50)
         steps = max(4, steps // 4) if quick else steps
+        overrides = [f"model={preset}", "data.download=false", *extra]
+        mcfg = ours.model_cfg(ours.bench_cfg(experiment, "32-true", False, 1, overrides))
+        fwd = None  # forward FLOPs per image: the same for every precision and memory format
         for precision in PRECISIONS[device]:
             for cl in (False, True):
-                cfg = ours.bench_cfg(experiment, precision, cl, 1, [f"model={preset}", "data.download=false", *extra])
+                cfg = ours.bench_cfg(experiment, precision, cl, 1, overrides)
                 dtype = "bf16" if precision == "bf16-mixed" else None
                 module = ours.module_for(cfg, device)
-                mcfg = ours.model_cfg(cfg)
-                fwd = harness.forward_flops_per_image(module.net, _ours_forward(shape))
+                fwd = fwd or harness.forward_flops_per_image(module.net, _ours_forward(shape))
                 ours.sample(module, min(n, 8), 2, device, dtype)  # warm-up (allocator, oneDNN/cuDNN kernels)
                 t0 = time.perf_counter()
                 ours.sample(module, n, steps, device, dtype)

@@ -100,8 +100,7 @@ def train(cfg, device: str, warmup: int, datamodule=None) -> tuple[float, object
 
 def module_for(cfg, device: str):
     """An untrained DiffusionModule of cfg on `device` (sampling speed does not depend on the weights)."""
-    module = build(cfg).module.to(device)
-    return module
+    return build(cfg).module.to(device)
 
 
 @torch.no_grad()

@@ -45,6 +45,7 @@ class DiffusionModule(L.LightningModule):
         if nonfinite_check not in ("auto", "step", "deferred"):
             raise ValueError(f"nonfinite_check={nonfinite_check!r}: expected 'auto', 'step' or 'deferred'")
         self.nonfinite_check = nonfinite_check
+        self._deferred = False  # set in on_train_start
         self._bad_steps = self._first_bad = None  # device-side counters of the deferred check
         self.net, self.objective, self.sampler = net, objective, sampler
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
@@ -89,7 +90,7 @@ class DiffusionModule(L.LightningModule):
         per_sample, t = self.objective.loss(self._train_net(), self._prepare(batch["x"]), batch.get("cond"),
                                             generator=generator)
         loss = per_sample.mean()
-        if self._deferred_check():
+        if self._deferred:
             self._flag_nonfinite(~torch.isfinite(loss.detach()))
         elif not torch.isfinite(loss):  # one host sync per step: the price of never saving NaN weights
             if self.nonfinite == "skip":
@@ -108,18 +109,21 @@ class DiffusionModule(L.LightningModule):
             self.log(f"train/loss_t_q{q + 1}", value)
         return loss
 
-    def _deferred_check(self) -> bool:
-        if self.nonfinite_check == "step":
-            return False
-        optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+    def _fused_without_scaler(self, optimizer) -> bool:
+        """A fused optimizer (it unscales internally) and no fp16 GradScaler: its grads are the true grads
+        and its `found_inf` is ours to set."""
         fused = getattr(optimizer, "_step_supports_amp_scaling", False)
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # it sets found_inf itself
-        if self.nonfinite_check == "deferred":
-            if not fused or scaler is not None:
-                raise ValueError("train.nonfinite_check=deferred needs a fused optimizer (optimizer.fused=true) "
-                                 "and no fp16 GradScaler")
-            return True
-        return fused and scaler is None and self.device.type != "cpu"
+        return fused and getattr(self.trainer.precision_plugin, "scaler", None) is None
+
+    def on_train_start(self) -> None:
+        # Resolved once per fit: whether the non-finite guard runs deferred (see the class docstring).
+        optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        usable = self._fused_without_scaler(optimizer)
+        if self.nonfinite_check == "deferred" and not usable:
+            raise ValueError("train.nonfinite_check=deferred needs a fused optimizer (optimizer.fused=true) "
+                             "and no fp16 GradScaler")
+        self._deferred = self.nonfinite_check == "deferred" or (
+            self.nonfinite_check == "auto" and usable and self.device.type != "cpu")
 
     def _flag_nonfinite(self, bad: Tensor) -> None:
         """Deferred check, no host sync: the fused step skips the update where `bad`, counters stay on
@@ -133,26 +137,25 @@ class DiffusionModule(L.LightningModule):
         if self._is_log_step():
             self._check_nonfinite()
 
-    def _check_nonfinite(self) -> None:
+    def _check_nonfinite(self, final: bool = False) -> None:
         """Host read of the deferred counters: raise naming the first bad step, or log the skipped count."""
         if self._bad_steps is None:
             return
         count = int(self._bad_steps)
-        if count and self.nonfinite == "raise":
+        if not count:
+            return
+        if self.nonfinite == "raise":
             raise NonFiniteLossError(f"non-finite training loss at step {int(self._first_bad)} ({count} step(s) "
                                      "so far); the fused optimizer skipped those updates on the device, and no "
                                      "checkpoint was written with them")
-        if count:
+        if not final:
             self.log("train/skipped_nonfinite", float(count), reduce_fx="sum")
-            self._bad_steps.zero_()
+        elif self.logger is not None:  # skips after the last logging step: self.log is not allowed at the end
+            self.logger.log_metrics({"train/skipped_nonfinite": float(count)}, step=self.global_step)
+        self._bad_steps.zero_()
 
     def on_train_end(self) -> None:
-        if self.nonfinite == "raise":
-            self._check_nonfinite()
-        elif self._bad_steps is not None and int(self._bad_steps) and self.logger is not None:
-            # skips after the last logging step (self.log is not allowed here): straight to the logger
-            self.logger.log_metrics({"train/skipped_nonfinite": float(self._bad_steps)}, step=self.global_step)
-            self._bad_steps.zero_()
+        self._check_nonfinite(final=True)
 
     def _is_log_step(self) -> bool:
         """Steps whose extra metrics reach the logger (every trainer.log_every_n_steps)."""
@@ -172,8 +175,7 @@ class DiffusionModule(L.LightningModule):
         # Lightning refuses to clip under any mixed precision when the optimizer unscales internally (fused
         # Adam/AdamW), but only a GradScaler (fp16) makes that unsafe: with bf16 or fp32 the grads are the
         # true grads, so clip them here (foreach kernels) and keep the fused optimizer step.
-        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
-        if gradient_clip_val and fused and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+        if gradient_clip_val and self._fused_without_scaler(optimizer):
             algorithm = str(getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm) or "norm")
             params = [p for p in self.net.parameters() if p.grad is not None]
             if algorithm == "norm":

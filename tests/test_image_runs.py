@@ -117,31 +117,17 @@ class _PoisonAt(L.Callback):
                 next(pl_module.net.parameters()).view(-1)[0] = float("nan")
 
 
-def test_nonfinite_loss_stops_naming_the_step_and_keeps_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("check, message", [("auto", "at step 5"), ("deferred", "at step 5 ")])
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_good_checkpoint(tmp_path, check, message):
+    """auto on the CPU checks every step. deferred (the sync-free GPU path, forced here on the CPU): the
+    fused step skips the poisoned updates on the device, and the checkpoint after the bad step is refused."""
     cfg = compose_cfg(["callbacks=minimal", "callbacks.checkpoint.every_n_train_steps=2", "trainer.max_steps=10",
                        "data.batch_size=64", "callbacks.ema=null", "trainer.enable_progress_bar=false",
-                       "trainer.enable_model_summary=false"], tmp_path)
+                       "trainer.enable_model_summary=false", f"train.nonfinite_check={check}"], tmp_path)
     parts = build(cfg)
     trainer = build_trainer(cfg, tmp_path)
     trainer.callbacks.append(_PoisonAt(step=5))
-    with pytest.raises(NonFiniteLossError, match="at step 5"):
-        trainer.fit(parts.module, datamodule=parts.datamodule)
-    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert last["global_step"] == 4
-    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
-
-
-def test_deferred_nonfinite_check_raises_at_the_next_checkpoint_naming_the_first_bad_step(tmp_path):
-    """nonfinite_check=deferred (the sync-free GPU path, forced here on the CPU): the fused step skips the
-    poisoned updates on the device, the checkpoint after the bad step is refused, the error names step 5."""
-    cfg = compose_cfg(["callbacks=minimal", "callbacks.checkpoint.every_n_train_steps=2", "trainer.max_steps=10",
-                       "data.batch_size=64", "callbacks.ema=null", "trainer.enable_progress_bar=false",
-                       "trainer.enable_model_summary=false", "train.nonfinite_check=deferred",
-                       "trainer.log_every_n_steps=50"], tmp_path)
-    parts = build(cfg)
-    trainer = build_trainer(cfg, tmp_path)
-    trainer.callbacks.append(_PoisonAt(step=5))
-    with pytest.raises(NonFiniteLossError, match="at step 5 "):
+    with pytest.raises(NonFiniteLossError, match=message):
         trainer.fit(parts.module, datamodule=parts.datamodule)
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 4
