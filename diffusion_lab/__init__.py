@@ -7,9 +7,20 @@ from omegaconf import OmegaConf
 __version__ = "0.1.0"
 
 
+def _path_free(item: str) -> str:
+    """`data.path=../x/states.pt` -> `data.path=states.pt~1a2b3c`: a path value keeps its file name and a
+    hash of the whole path, so a job's dir name changes with its data or checkpoint without nesting dirs."""
+    key, sep, value = item.partition("=")
+    if "/" not in value:
+        return item
+    return f"{key}{sep}{value.rstrip('/').rsplit('/', 1)[-1]}~{hashlib.sha1(value.encode()).hexdigest()[:6]}"
+
+
 def job_dirname(num, overrides: str = "", limit: int = 120) -> str:
     """Sweep job directory name `<num>_<overrides>`, shortened with a stable hash past `limit` characters
-    (file systems refuse names over 255 bytes; many overrides would exceed that)."""
+    (file systems refuse names over 255 bytes; many overrides would exceed that). Path-valued overrides
+    (data.path, ckpt, eval.judge, ...) are part of the name, as file name + hash of the path."""
+    overrides = ",".join(_path_free(item) for item in overrides.split(",")) if overrides else overrides
     name = f"{num}_{overrides}" if overrides else str(num)
     if len(name) <= limit:
         return name
@@ -19,3 +30,12 @@ def job_dirname(num, overrides: str = "", limit: int = 120) -> str:
 
 # Registered on import, so every process that composes a sweep job (joblib/submitit workers too) has it.
 OmegaConf.register_new_resolver("dl_job_dirname", job_dirname, replace=True)
+
+
+def _new_dir(base: str) -> str:
+    from diffusion_lab.rundir import new_dir  # lazy: keep `import diffusion_lab` light
+
+    return new_dir(base)
+
+
+OmegaConf.register_new_resolver("dl_new_dir", _new_dir, replace=True)

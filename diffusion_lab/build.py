@@ -17,11 +17,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.checkpoint_io import AtomicCheckpointIO
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.lit import DiffusionModule
+from diffusion_lab.safety import check_stored_config
+
+__all__ = ["ConfigError", "build", "load_checkpoint", "make", "module_state"]
 
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line naming the key, the value and what is allowed."""
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -129,18 +131,22 @@ def build_trainer(cfg: DictConfig, run_dir: Path, exclude: tuple[type, ...] = ()
     return trainer
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """torch.load with weights_only=True (never executes code from the file); clear errors."""
+def load_checkpoint(path: str | Path, key: str = "ckpt") -> dict:
+    """torch.load with weights_only=True, then the stored config checked against the allow-list of targets
+    (safety.py) before any caller can instantiate it; one-line errors that name `key` (the config key the
+    path came from: ckpt, ckpt_path, guidance.ckpt, eval.judge)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"ckpt={path}: file not found (expected a .ckpt written by a training run)")
+        raise ConfigError(f"{key}={path}: file not found (expected a .ckpt written by a training run)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt / truncated / not a checkpoint
-        raise ConfigError(f"ckpt={path}: cannot be read as a checkpoint ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:200]})") from exc
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or not ckpt.get("config"):
-        raise ConfigError(f"ckpt={path}: not a diffusion_lab checkpoint (missing state_dict or config)")
+    except Exception as exc:  # corrupt / truncated / empty / not a checkpoint / a pickle asking for code
+        first = next(iter(str(exc).strip().splitlines()), "")[:200]
+        raise ConfigError(f"{key}={path}: cannot be read as a checkpoint ({type(exc).__name__}"
+                          f"{': ' + first if first else ''})") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or not isinstance(ckpt.get("config"), dict):
+        raise ConfigError(f"{key}={path}: not a diffusion_lab checkpoint (missing state_dict or config)")
+    check_stored_config(ckpt["config"], f"{key}={path}")
     return ckpt
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 
 from diffusion_lab import imageio, plots
 
@@ -37,7 +37,8 @@ class EMA(WeightAveraging):
 
     Lightning's EMAWeightAveraging uses a per-tensor `avg_fn` without warm-up; this one updates all
     tensors with one foreach lerp. Checkpoints hold the EMA weights in "state_dict" and the raw ones in
-    "current_model_state"; at the end of fit the EMA weights are copied into the module.
+    "current_model_state"; at the end of fit the EMA weights are copied into the module (also when a fit
+    resumed at max_steps trains no step: Lightning then skips on_train_end, see `use_average`).
     """
 
     def __init__(self, decay: float = 0.999, start_step: int = 0, every_n_steps: int = 1,
@@ -51,6 +52,41 @@ class EMA(WeightAveraging):
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx >= self.start_step and step_idx % self.every_n_steps == 0
+
+    def use_average(self, pl_module) -> None:
+        """Put the EMA weights into the module for sampling after fit. Idempotent after on_train_end; needed
+        when fit resumed a finished run (no step runs, on_train_end is skipped, the module holds the raw
+        weights the checkpoint restored)."""
+        if self._average_model is not None:
+            self._copy_average_to_current(pl_module)
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint that also saves at the final training step.
+
+    With every_n_train_steps=1000 and max_steps=3500 the stock callback's last save is step 3000, so
+    last.ckpt would not hold the weights the run sampled from and a resume or task=sample could not
+    reproduce the run. The final save goes through the same top-k/last path as the periodic ones (so EMA
+    and optimizer state are saved as usual); Lightning orders checkpoint callbacks after the others, so the
+    EMA update of the last step is in it.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if 0 < trainer.max_steps <= trainer.global_step:
+            self._save_final(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs:
+            self._save_final(trainer)
+
+    def _save_final(self, trainer) -> None:
+        if self._last_global_step_saved == trainer.global_step or self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
 
 
 class SampleMonitor(L.Callback):

@@ -109,14 +109,15 @@ def accuracy(net: nn.Module, x: Tensor, y: Tensor, schedule: NoisePath | None = 
     return correct / len(x)
 
 
-def load_classifier(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, dict]:
-    """A classifier checkpoint -> (net in eval mode on the CPU, info); weights_only, no code executed."""
-    ckpt = load_checkpoint(path)
+def load_classifier(path: str | Path, use_ema: bool = True, key: str = "ckpt") -> tuple[nn.Module, dict]:
+    """A classifier checkpoint -> (net in eval mode on the CPU, info); weights_only and an allow-listed stored
+    config, so no code from the file is executed. `key` names the config key the path came from in errors."""
+    ckpt = load_checkpoint(path, key=key)
     cfg = OmegaConf.create(ckpt["config"])
     target = OmegaConf.select(cfg, "task._target_")
     if target != TASK_TARGET:
-        raise ConfigError(f"{path}: not a classifier checkpoint (written by task {target}); expected one from "
-                          "task=train_classifier")
+        raise ConfigError(f"{key}={path}: not a classifier checkpoint (written by task {target}); expected one "
+                          "from task=train_classifier")
     net = make(cfg, "classifier")
     state, _ = module_state(ckpt, use_ema)
     net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})

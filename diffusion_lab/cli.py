@@ -5,15 +5,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
+import traceback
 from pathlib import Path
+
+import yaml
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffusion_lab.build import ConfigError
+from diffusion_lab.errors import ConfigError, RunError
+from diffusion_lab.rundir import HASH, claim, config_hash
+from diffusion_lab.safety import allow_user_targets
+from diffusion_lab.validate import validate
 
 log = logging.getLogger("diffusion_lab")
 
@@ -39,6 +46,53 @@ def check_group_choices(conf_dir: Path, argv: list[str]) -> None:
                 _fail(f"{key}={choice}: unknown choice; allowed: {', '.join(allowed)}")
 
 
+def check_composition(conf_dir: Path, argv: list[str]) -> None:
+    """Compose the config once before Hydra does, so override errors are one line naming the override
+    (Hydra's own report is a 4-6 line struct error). Sweeps are checked with each override's first value."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in argv if not a.startswith("-") and "=" in a and not a.lstrip("+~").startswith("hydra")]
+    parser = OverridesParser.create()
+    first: list[str] = []
+    for arg in args:
+        try:
+            override = parser.parse_override(arg)
+        except Exception as exc:
+            _fail(f"{arg}: not a valid override ({_first_line(exc)})")
+        if override.is_sweep_override():
+            try:
+                value = next(iter(override.sweep_string_iterator()))
+            except Exception:  # interval() sweeps have no first value to try
+                continue
+            arg = f"{override.get_key_element()}={value}"
+        first.append(arg)
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            compose(config_name="config", overrides=first)
+    except Exception as exc:
+        _fail(_composition_error(exc, first))
+
+
+def _first_line(exc: BaseException) -> str:
+    return next(iter(str(exc).strip().splitlines()), type(exc).__name__)
+
+
+def _composition_error(exc: BaseException, args: list[str]) -> str:
+    text = f"{exc}\n{exc.__cause__ or ''}"
+    match = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
+    if match:
+        key = match.group(1)
+        arg = next((a for a in args if a.lstrip("+~").split("=", 1)[0].endswith(key)), key)
+        return (f"{arg}: no such key in the config (check the spelling with `python run.py --cfg job`; "
+                f"to add a new key: +{arg.lstrip('+~')})")
+    match = re.search(r"An item is already at '([^']+)'", text)
+    if match:
+        arg = next((a for a in args if match.group(1) in a), match.group(1))
+        return f"{arg}: the key exists already; drop the '+' to override it"
+    return f"{' '.join(args) or 'config'}: {_first_line(exc)}"
+
+
 def _choices(value: str) -> list[str]:
     """Choices in an override value: `a`, sweeps `a,b`, `choice(a,b)`."""
     value = value.strip()
@@ -47,37 +101,68 @@ def _choices(value: str) -> list[str]:
     return [v.strip().strip("'\"") for v in value.split(",") if v.strip()]
 
 
-def run_task(cfg: DictConfig):
-    """Dispatch to cfg.task; config errors end as one line (exit 2) in single runs, a failed job in sweeps.
+def _verbose(hc=None) -> bool:
+    """Full tracebacks only on request: DIFFUSION_LAB_TRACEBACK=1 or hydra.verbose=true."""
+    if os.environ.get("DIFFUSION_LAB_TRACEBACK", "") not in ("", "0"):
+        return True
+    return bool(hc is not None and hc.verbose)
 
-    In a multirun: a job whose results.json exists is skipped (force=true re-runs it), a failing job
-    leaves error.txt for the collector, each job gets its own GPU on multi-GPU machines
+
+def run_task(cfg: DictConfig):
+    """Validate, claim the run dir, dispatch to cfg.task; one-line errors (exit 2) in single runs, a failed
+    job in sweeps.
+
+    Order matters for "nothing saved is changed by a refused launch": all config values are validated, then
+    the run dir is claimed (ownership check, lock; see rundir.py), and only then is anything written.
+    In a multirun: a job whose results.json exists with the same config hash is skipped (force=true re-runs
+    it), a failing job leaves error.txt for the collector, each job gets its own GPU on multi-GPU machines
     (device_per_job), and Lightning's DDP launcher re-runs only this job in this job's directory.
     """
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    if multirun:
-        done = run_dir / "results.json"
-        if done.is_file() and not cfg.get("force", False):
-            log.info("skipping %s: results.json exists (force=true re-runs it)", run_dir)
-            return _sweep_value(cfg, json.loads(done.read_text()).get("metrics", {}))
-        _single_job_argv(hc)
-        if cfg.get("device_per_job", True):
-            assign_job_device(cfg, int(hc.job.num))
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    lock = None
     environ = dict(os.environ)
     try:
+        allow_user_targets(cfg.get("allow_targets"))
+        validate(cfg)
+        if multirun:
+            done = _finished(cfg, run_dir)
+            if done is not None:
+                log.info("skipping %s: finished with this config (force=true re-runs it)", run_dir)
+                return _sweep_value(cfg, done)
+            _single_job_argv(hc)
+            if cfg.get("device_per_job", True):
+                assign_job_device(cfg, int(hc.job.num))
+        try:
+            lock = claim(cfg, run_dir, hc, key)
+        except PermissionError as exc:
+            raise ConfigError(f"{key}={run_dir}: cannot write there ({exc.strerror})") from exc
         task = instantiate(cfg.task)
         results = task(cfg, run_dir)
-    except Exception as exc:
+    except (Exception, KeyboardInterrupt) as exc:
+        ours = lock is not None or not (run_dir / "config.yaml").exists()
+        if lock is None and ours:  # refused before the claim: leave no empty dir behind
+            _remove_if_empty(run_dir)
         if multirun:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
+            if ours and not isinstance(exc, KeyboardInterrupt):
+                _mark_failed(run_dir, hc, exc)
             raise
-        if isinstance(exc, ConfigError):
+        if isinstance(exc, (ConfigError, RunError)):
+            if _verbose(hc):
+                traceback.print_exc()
             _fail(str(exc))
-        raise
+        if isinstance(exc, KeyboardInterrupt):
+            _fail("interrupted (the run dir resumes from its last checkpoint when launched again)", 130)
+        if _verbose(hc):
+            traceback.print_exc()
+        first = next(iter(str(exc).strip().splitlines()), "")
+        _fail(f"{type(exc).__name__}: {first} (set DIFFUSION_LAB_TRACEBACK=1 or hydra.verbose=true for the "
+              "traceback)", 1)
     finally:
+        if lock is not None:
+            lock.release()
         if multirun:
             _end_distributed(environ)
     (run_dir / "error.txt").unlink(missing_ok=True)
@@ -90,6 +175,36 @@ def run_task(cfg: DictConfig):
     for key, value in metrics.items():
         print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
     return _sweep_value(cfg, metrics)
+
+
+def _finished(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """A sweep job's metrics when it already finished with this very config (its config.sha256 matches);
+    a results.json from another config is never reported as this job's (the claim then refuses the dir)."""
+    done = run_dir / "results.json"
+    if cfg.get("force", False) or not done.is_file():
+        return None
+    stored = run_dir / HASH
+    config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    if not stored.is_file() or stored.read_text().strip() != config_hash(config):
+        return None
+    return json.loads(done.read_text()).get("metrics", {})
+
+
+def _mark_failed(run_dir: Path, hc, exc: BaseException) -> None:
+    """error.txt (+ .hydra/overrides.yaml, so the collector lists the job) in a failed sweep job's own dir."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    if not overrides.exists():
+        overrides.write_text(yaml.safe_dump(list(hc.overrides.task)))
+    (run_dir / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass
 
 
 def log_hparams(run_dir: Path, overrides: list[str], results: dict) -> None:

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab import imageio, plots
-from diffusion_lab.build import ConfigError, load_checkpoint
+from diffusion_lab.build import ConfigError
 from diffusion_lab.classifier import load_classifier
 from diffusion_lab.fidelity import METRICS, InceptionFeatures, ReferenceCache, fidelity_metrics, reference_features
 from diffusion_lab.metrics import class_metrics, point_metrics
@@ -29,10 +29,9 @@ def check_eval_inputs(ev: DictConfig) -> None:
         raise ConfigError(f"eval.fidelity.weights={weights}: file not found (expected Inception weights for "
                           "torch-fidelity, or null to download them)")
     if ev.get("judge"):
-        try:
-            load_checkpoint(ev.judge)
-        except ConfigError as exc:
-            raise ConfigError(f"eval.judge: {exc}") from exc
+        if ev.get("classes") is None:
+            raise ConfigError(f"eval.judge={ev.judge}: judging needs class requests (eval.classes=all or a list)")
+        load_classifier(ev.judge, key="eval.judge")  # a classifier checkpoint, with an allow-listed config
 
 
 def image_fidelity(samples_u8: torch.Tensor, datamodule, cfg: DictConfig, device) -> tuple[dict, dict]:
@@ -68,7 +67,7 @@ def judge_metrics(samples: torch.Tensor, labels: torch.Tensor | None, judge: str
     test images (a cheap CPU stand-in for FID on MNIST)."""
     if labels is None or not bool((labels >= 0).any()):
         raise ConfigError(f"eval.judge={judge}: judging needs class requests (eval.classes=all or a list)")
-    net, info = load_classifier(judge)
+    net, info = load_classifier(judge, key="eval.judge")
     keep = labels >= 0
     x, want = samples[keep], labels[keep]
 

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import logging
+
 import lightning as L
 import torch
 from torch import Tensor, nn
 
+from diffusion_lab.errors import RunError
 from diffusion_lab.objectives import Objective
 from diffusion_lab.optim import optimizer_config
 from diffusion_lab.samplers import make_denoiser
 
+log = logging.getLogger("diffusion_lab")
 
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN/inf loss; raised before the optimizer step, so no weight is touched."""
+
+class NonFiniteLossError(RunError):
+    """Training produced a NaN/inf loss (or, with nonfinite=skip, too many in a row); raised before the optimizer
+    step, so no weight is touched. One line at the CLI."""
 
 
 class DiffusionModule(L.LightningModule):
@@ -29,8 +35,11 @@ class DiffusionModule(L.LightningModule):
     step (free on a CPU, a pipeline stall per step on a GPU). "deferred" keeps the step sync-free: the
     fused optimizer gets the loss's non-finite flag as its `found_inf` (the GradScaler mechanism), so the
     update is skipped on the device, and the host reads the flag only on logging steps, before every
-    checkpoint and at the end, raising there (naming the first bad step) or logging the skipped count.
+    checkpoint, at least every `nonfinite_check_every` steps and at the end, raising there (naming the first
+    bad step; at most nonfinite_check_every - 1 steps late) or logging the skipped count.
     "auto" is deferred on accelerators with a fused optimizer and no GradScaler, else step.
+    nonfinite="skip" warns on the console at the first skip and stops after `max_consecutive_skips` bad
+    steps in a row: a run that skips every step is diverging, not training.
     """
 
     def __init__(self, net: nn.Module, objective: Objective, optimizer: Callable, sampler: Callable,
@@ -38,15 +47,21 @@ class DiffusionModule(L.LightningModule):
                  config: dict | None = None, channels_last: bool = False, compile: bool = False,
                  nonfinite: str = "raise", overfit: bool = False, guidance=None,
                  sample_precision: str | None = None, compile_mode: str | None = None,
-                 nonfinite_check: str = "auto"):
+                 nonfinite_check: str = "auto", nonfinite_check_every: int = 10, max_consecutive_skips: int = 20):
         super().__init__()
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite={nonfinite!r}: expected 'raise' or 'skip'")
         if nonfinite_check not in ("auto", "step", "deferred"):
             raise ValueError(f"nonfinite_check={nonfinite_check!r}: expected 'auto', 'step' or 'deferred'")
-        self.nonfinite_check = nonfinite_check
+        if nonfinite_check_every < 1 or max_consecutive_skips < 1:
+            raise ValueError(f"nonfinite_check_every={nonfinite_check_every}, max_consecutive_skips="
+                             f"{max_consecutive_skips}: expected integers >= 1")
+        self.nonfinite_check, self.nonfinite_check_every = nonfinite_check, nonfinite_check_every
+        self.max_consecutive_skips = max_consecutive_skips
         self._deferred = False  # set in on_train_start
-        self._bad_steps = self._first_bad = None  # device-side counters of the deferred check
+        # device-side counters of the deferred check: bad steps, first bad step, current and longest run
+        self._bad_steps = self._first_bad = self._run = self._longest = None
+        self._skips = self._consecutive = 0  # host counters of the per-step check
         self.net, self.objective, self.sampler = net, objective, sampler
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.sample_shape = tuple(sample_shape)
@@ -94,10 +109,13 @@ class DiffusionModule(L.LightningModule):
             self._flag_nonfinite(~torch.isfinite(loss.detach()))
         elif not torch.isfinite(loss):  # one host sync per step: the price of never saving NaN weights
             if self.nonfinite == "skip":
+                self._skipped(1, 1 + self._consecutive, self.global_step)
                 self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
                 return None  # Lightning skips backward and the optimizer step
             raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at step {self.global_step}; "
                                      "no checkpoint was written with it")
+        else:
+            self._consecutive = 0
         self.log("train/loss", loss, prog_bar=True)
         if not self._is_log_step():  # self.log costs ~0.7 ms a call: a fifth of a small model's step
             return loss
@@ -132,9 +150,13 @@ class DiffusionModule(L.LightningModule):
         if self._bad_steps is None:
             self._bad_steps = torch.zeros((), dtype=torch.long, device=bad.device)
             self._first_bad = torch.full((), -1, dtype=torch.long, device=bad.device)
+            self._run = torch.zeros((), dtype=torch.long, device=bad.device)
+            self._longest = torch.zeros((), dtype=torch.long, device=bad.device)
         self._first_bad = torch.where((self._first_bad < 0) & bad, self.global_step, self._first_bad)
         self._bad_steps += bad
-        if self._is_log_step():
+        self._run = torch.where(bad, self._run + 1, 0)
+        self._longest = torch.maximum(self._longest, self._run)
+        if self._is_log_step() or (self.global_step + 1) % self.nonfinite_check_every == 0:
             self._check_nonfinite()
 
     def _check_nonfinite(self, final: bool = False) -> None:
@@ -144,6 +166,10 @@ class DiffusionModule(L.LightningModule):
         count = int(self._bad_steps)
         if not count:
             return
+        if self.nonfinite == "skip":
+            self._skipped(count, int(self._longest), int(self._first_bad))
+            self._longest.zero_()
+            self._first_bad.fill_(-1)
         if self.nonfinite == "raise":
             raise NonFiniteLossError(f"non-finite training loss at step {int(self._first_bad)} ({count} step(s) "
                                      "so far); the fused optimizer skipped those updates on the device, and no "
@@ -154,8 +180,24 @@ class DiffusionModule(L.LightningModule):
             self.logger.log_metrics({"train/skipped_nonfinite": float(count)}, step=self.global_step)
         self._bad_steps.zero_()
 
+    def _skipped(self, count: int, consecutive: int, first: int) -> None:
+        """nonfinite=skip bookkeeping on the host: warn at the first skip, stop a run that keeps diverging."""
+        if self._skips == 0:
+            log.warning("non-finite training loss at step %d: step skipped (train.nonfinite=skip; the run stops "
+                        "after %d in a row)", first, self.max_consecutive_skips)
+        self._skips += count
+        self._consecutive = consecutive
+        if consecutive >= self.max_consecutive_skips:
+            raise NonFiniteLossError(f"train.max_consecutive_skips={self.max_consecutive_skips}: {consecutive} "
+                                     f"non-finite steps in a row by step {self.global_step} ({self._skips} skipped "
+                                     "in all); the run is diverging (lower optimizer.lr or check the data)")
+
     def on_train_end(self) -> None:
         self._check_nonfinite(final=True)
+        if self._skips:
+            # per-step check: skipped batches do not advance global_step; deferred: the fused step skips on device
+            total = self.global_step + (0 if self._deferred else self._skips)
+            log.warning("train.nonfinite=skip: %d of %d steps were skipped (non-finite loss)", self._skips, total)
 
     def _is_log_step(self) -> bool:
         """Steps whose extra metrics reach the logger (every trainer.log_every_n_steps)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -143,24 +144,114 @@ def _save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
     os.replace(tmp, run_dir / "config.yaml")
 
 
-def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
-    """Explicit ckpt_path, else the run dir's own last.ckpt (automatic resume after a crash)."""
+def _resume_path(cfg: DictConfig, run_dir: Path, module=None) -> str | None:
+    """Explicit ckpt_path, else the run dir's own last.ckpt (automatic resume after a crash).
+
+    An explicit checkpoint is read first (allow-listed config) and must hold this model's weights; the run
+    dir's own last.ckpt belongs to this very config (rundir.claim checked config.yaml)."""
     if cfg.get("ckpt_path"):
-        load_checkpoint(cfg.ckpt_path)  # validate before Lightning touches it
+        ckpt = load_checkpoint(cfg.ckpt_path, key="ckpt_path")  # validated before Lightning reads it
+        if module is not None:
+            check_weights(ckpt["state_dict"], module.state_dict(), f"ckpt_path={cfg.ckpt_path}")
         return str(cfg.ckpt_path)
     last = run_dir / "checkpoints" / "last.ckpt"
     return str(last) if last.is_file() and cfg.get("auto_resume", True) else None
 
 
+def check_weights(stored: dict, expected: dict, source: str) -> None:
+    """One line when a checkpoint holds another model's weights (other size, other net)."""
+    missing = [k for k in expected if k not in stored]
+    shapes = [k for k in expected if k in stored and tuple(stored[k].shape) != tuple(expected[k].shape)]
+    if missing or shapes:
+        what = (f"{shapes[0]} has shape {tuple(stored[shapes[0]].shape)}, this model's "
+                f"{tuple(expected[shapes[0]].shape)}" if shapes else f"no weight {missing[0]}")
+        raise ConfigError(f"{source}: a checkpoint of a different model ({what}; {len(missing) + len(shapes)} "
+                          "tensors differ); expected one of the configured model")
+
+
+def _data_error(cfg: DictConfig, exc: BaseException) -> ConfigError:
+    """A data module's load error as one line naming the data key it came from."""
+    msg = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
+    if re.match(r"^[\w.]+=", msg):
+        return ConfigError(msg if msg.startswith("data.") else f"data.{msg}")
+    for key in ("path", "root"):
+        value = OmegaConf.select(cfg, f"data.{key}", default=None)
+        if value:
+            return ConfigError(f"data.{key}={value}: {msg}")
+    return ConfigError(f"data: {msg}")
+
+
+def setup_data(cfg: DictConfig, datamodule) -> None:
+    """datamodule.setup() before any work (it is idempotent: Lightning's own call is then free), with read
+    errors (missing root, malformed points file, unreadable batch) as one-line ConfigErrors."""
+    try:
+        datamodule.setup("fit")
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError, RuntimeError) as exc:
+        raise _data_error(cfg, exc) from exc
+
+
+def check_fit(cfg: DictConfig, parts) -> None:
+    """A dry training loss on two zero inputs of the data's shape: a model that does not fit the data
+    (channels, size, dimension, classes) fails here in one line instead of at step 0. The global RNG is
+    forked, so the run's random stream (and every earlier number) is unchanged."""
+    module, dm = parts.module, parts.datamodule
+    x = torch.zeros(2, *dm.shape)
+    cond = torch.zeros(2, dtype=torch.long) if getattr(module, "num_classes", 0) else None
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            per_sample, _ = module.objective.loss(module.net, x, cond)
+        if per_sample.shape[0] != 2:
+            raise ValueError(f"the loss has shape {tuple(per_sample.shape)}, expected one value per example")
+    except Exception as exc:
+        msg = next(iter(str(exc).strip().splitlines()), type(exc).__name__)[:200]
+        model = str(OmegaConf.select(cfg, "model._target_", default="?"))
+        raise ConfigError(f"model={model.rsplit('.', 1)[-1]}: does not fit data {getattr(dm, 'name', '')} of "
+                          f"shape {tuple(dm.shape)} ({type(exc).__name__}: {msg})") from exc
+
+
+def check_classes(cfg: DictConfig, datamodule, module) -> None:
+    """eval.classes against the data's classes and the model, before training (not after it)."""
+    ev = cfg.eval
+    if ev.get("classes") is None:
+        return
+    try:
+        requested_labels(ev.classes, list(getattr(datamodule, "class_names", None) or []), 1)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    guided = isinstance(module.guidance, ClassifierGuidance)
+    if not getattr(module, "num_classes", 0) and not guided:
+        raise ConfigError(f"eval.classes={ev.classes}: the model is unconditional (model.num_classes=0); class "
+                          "requests need a class-conditional model or guidance=classifier guidance.ckpt=<ckpt>")
+
+
+def _clean_orphans(run_dir: Path) -> None:
+    """Temp files of writes a kill interrupted (atomic saves never leave a partial file under the real name)."""
+    for folder in (run_dir, run_dir / "checkpoints"):
+        for tmp in folder.glob(".tmp_*"):
+            tmp.unlink(missing_ok=True)
+
+
 def fit(cfg: DictConfig, run_dir: Path):
-    """Seed, build, save the resolved config, fit (resuming when a checkpoint exists), plot the loss curve."""
+    """Seed, build, check everything a run reads later, save the resolved config, fit (resuming when a
+    checkpoint exists), plot the loss curve."""
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     parts = build(cfg)
+    setup_data(cfg, parts.datamodule)
+    check_fit(cfg, parts)
+    check_classes(cfg, parts.datamodule, parts.module)
+    resume = _resume_path(cfg, run_dir, parts.module)
     _save_resolved_config(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir)
+    if trainer.is_global_zero:
+        _clean_orphans(run_dir)  # the run dir is ours (claimed and locked): no live writer owns these
     t0 = time.perf_counter()
-    trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=_resume_path(cfg, run_dir))
+    trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=resume)
     seconds = time.perf_counter() - t0
+    for callback in trainer.callbacks:
+        if isinstance(callback, EMA):
+            callback.use_average(parts.module)
     if trainer.is_global_zero:
         _save_loss_curve(run_dir)
     return parts, trainer, seconds
@@ -169,7 +260,7 @@ def fit(cfg: DictConfig, run_dir: Path):
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Fit, then sample with EMA weights, evaluate and plot."""
     t0 = time.perf_counter()
-    check_eval_inputs(cfg.eval)  # a bad eval setting must fail before training, not after it
+    check_eval_inputs(cfg.eval)  # a bad eval setting must fail before training, not after it (fit checks classes)
     if cfg.eval.get("classes") is not None and not OmegaConf.select(cfg, "data.num_classes", default=0):
         raise ConfigError(f"eval.classes={cfg.eval.classes}: the data are unconditional (data.num_classes=0)")
     parts, trainer, train_seconds = fit(cfg, run_dir)
@@ -232,6 +323,7 @@ def _restore(cfg: DictConfig) -> tuple:
     saved = OmegaConf.create(ckpt["config"])
     parts = build(saved)
     state, used_ema = module_state(ckpt, bool(cfg.eval.use_ema))
+    check_weights(state, parts.module.state_dict(), f"ckpt={cfg.ckpt}")
     parts.module.load_state_dict(state)
     return parts, saved, ckpt, used_ema
 
@@ -266,7 +358,7 @@ def sample(cfg: DictConfig, run_dir: Path, task_name: str = "sample") -> dict:
     protocol = {"task": task_name, "checkpoint": str(cfg.ckpt), "step": ckpt.get("global_step"), "ema": used_ema,
                 "seed": int(cfg.seed), "title": cfg.get("name") or saved.get("name", ""),
                 **metric_protocol(parts.datamodule)}
-    parts.datamodule.setup()
+    setup_data(saved, parts.datamodule)
     return generate_and_evaluate(module, parts.datamodule, cfg, run_dir, protocol, sampler=sampler, wall_start=t0)
 
 

@@ -163,6 +163,37 @@ def test_deferred_skip_leaves_the_weights_and_the_adam_step_count_untouched(tmp_
     assert sum(float(r["train/skipped_nonfinite"]) for r in rows if r.get("train/skipped_nonfinite")) == 3
 
 
+@pytest.mark.parametrize("check", ["step", "deferred"])
+def test_skip_warns_and_stops_after_max_consecutive_skips(tmp_path, check, caplog):
+    """nonfinite=skip must not train on silently when every step is bad: a warning at the first skip, a
+    one-line stop after train.max_consecutive_skips bad steps in a row (an isolated bad step is fine)."""
+    cfg = compose_cfg(["callbacks=minimal", "callbacks.checkpoint=null", "trainer.max_steps=40", "data.batch_size=64",
+                       "callbacks.ema=null", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+                       "train.nonfinite=skip", f"train.nonfinite_check={check}", "train.max_consecutive_skips=5",
+                       "train.nonfinite_check_every=1", "logger=none"], tmp_path)
+    parts = build(cfg)
+    trainer = build_trainer(cfg, tmp_path)
+    trainer.callbacks.append(_NanLossAt({2, *range(10, 100)}))  # one isolated bad step, then a diverged run
+    with caplog.at_level("WARNING", logger="diffusion_lab"), \
+            pytest.raises(NonFiniteLossError, match="max_consecutive_skips=5: 5 non-finite steps in a row"):
+        trainer.fit(parts.module, datamodule=parts.datamodule)
+    assert any("step skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_deferred_check_stops_within_nonfinite_check_every(tmp_path):
+    """With logging steps far apart, the deferred check still reads its flag every N steps."""
+    cfg = compose_cfg(["callbacks=minimal", "callbacks.checkpoint=null", "trainer.max_steps=60", "data.batch_size=64",
+                       "callbacks.ema=null", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+                       "train.nonfinite_check=deferred", "train.nonfinite_check_every=4",
+                       "trainer.log_every_n_steps=50", "logger=none"], tmp_path)
+    parts = build(cfg)
+    trainer = build_trainer(cfg, tmp_path)
+    trainer.callbacks.append(_NanLossAt({13}))
+    with pytest.raises(NonFiniteLossError, match="at step 13 "):
+        trainer.fit(parts.module, datamodule=parts.datamodule)
+    assert 13 <= trainer.global_step <= 13 + 4  # stopped within one check interval, not at step 50
+
+
 @pytest.mark.parametrize("experiment", ["mnist_ddpm", "states"])
 def test_explore_task_writes_grid_and_stats(experiment, tmp_path):
     run = tmp_path / "run"

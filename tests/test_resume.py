@@ -28,8 +28,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     # Same run, but slowed down so it can be killed between checkpoints, then SIGKILLed.
-    args = [sys.executable, str(REPO / "run.py"), *RUN, f"hydra.run.dir={killed_dir}",
-            "+callbacks.slow._target_=diffusion_lab.callbacks.Sleep", "+callbacks.slow.seconds=0.05"]
+    slow = ["+callbacks.slow._target_=diffusion_lab.callbacks.Sleep", "+callbacks.slow.seconds=0.05"]
+    args = [sys.executable, str(REPO / "run.py"), *RUN, f"hydra.run.dir={killed_dir}", *slow]
     child = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     step20 = killed_dir / "checkpoints" / "step0000020.ckpt"
     deadline = time.time() + 300
@@ -48,8 +48,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     killed_at = torch.load(killed_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert 20 <= killed_at < 40
 
-    # Re-running the same command in the same run dir resumes automatically from last.ckpt.
-    proc = run_cli([*RUN, f"hydra.run.dir={killed_dir}"])
+    # Re-running the same command in the same run dir resumes automatically from last.ckpt (the run dir
+    # holds this config; another one would be refused, see test_rundirs.py).
+    proc = run_cli([*RUN, f"hydra.run.dir={killed_dir}", *slow])
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref, res = final_state(ref_dir), final_state(killed_dir)
     assert res["global_step"] == ref["global_step"] == 40

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import pickle
 import struct
 from collections.abc import Callable
 from functools import partial
@@ -28,6 +27,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from diffusion_lab.data.lowdim import InMemoryBatches, rank_seed
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.safety import UnsafeFileError, restricted_pickle_load
 
 ROOT_HINT = "set data.root=<dir> or DIFFUSION_LAB_DATA"
 
@@ -279,8 +280,18 @@ class MNISTDataModule(ImageDataModule):
 # ---------------------------------------------------------------- CIFAR-10
 
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")  # the official files are Python 2 pickles
+    """One CIFAR-10 python batch: a Python 2 pickle of a dict of bytes, lists and one uint8 array.
+
+    Read with a restricted unpickler (numpy array globals only): plain pickle.load would run whatever a
+    crafted batch file names. torchvision's CIFAR10 reads with plain pickle, hence our own reader."""
+    try:
+        d = restricted_pickle_load(path, encoding="bytes")  # the official files are Python 2 pickles
+    except UnsafeFileError:
+        raise
+    except Exception as exc:  # truncated / not a pickle
+        raise ConfigError(f"{path}: not a CIFAR-10 python batch ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: not a CIFAR-10 python batch (a {type(d).__name__}, expected a dict)")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 

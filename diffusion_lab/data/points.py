@@ -139,6 +139,9 @@ def load_points_file(path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
         )
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{path}: expected integer labels, got dtype {labels.dtype}")
+    bad = ~np.isfinite(data.astype(np.float64)).all(1)
+    if bad.any():  # one NaN row would make every loss NaN after hours of "training"
+        raise ValueError(f"{path}: {int(bad.sum())} rows hold NaN or inf (first: row {int(np.argmax(bad))})")
     names = get.get("label_names")
     names = None if names is None else [str(s) for s in np.asarray(names).tolist()]
     return data.astype(np.float32), labels.astype(np.int64), names

@@ -1,0 +1,139 @@
+"""Up-front validation: every config value a run reads later is checked here, before the run dir is claimed,
+any data is read or any step is trained, so a typo costs a second instead of a training run.
+
+Constructor arguments (schedule.T, sampler.steps, model widths, ...) are checked by the constructors
+themselves when build() runs, which also happens before training; this table covers the values that are
+only read later (evaluation, trainer limits, optimizer settings, paths) and the ones whose constructor
+errors are not one line (Lightning's Trainer, torch.optim). Each failure is a ConfigError
+`<key>=<value>: <what was expected>`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion_lab.errors import ConfigError
+
+_MISSING = object()
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def int_at_least(lo: int) -> tuple[Callable, str]:
+    return (lambda v: _int(v) and v >= lo), f"expected an integer >= {lo}"
+
+
+def positive_number() -> tuple[Callable, str]:
+    return (lambda v: _num(v) and v > 0), "expected a finite number > 0"
+
+
+def nonneg_number() -> tuple[Callable, str]:
+    return (lambda v: _num(v) and v >= 0), "expected a finite number >= 0"
+
+
+def optional(check: tuple[Callable, str]) -> tuple[Callable, str]:
+    fn, text = check
+    return (lambda v: v is None or fn(v)), f"{text} (or null)"
+
+
+def one_of(*values) -> tuple[Callable, str]:
+    return (lambda v: v in values), f"expected one of {', '.join(map(str, values))}"
+
+
+BOOL = ((lambda v: isinstance(v, bool)), "expected true or false")
+SEED = ((lambda v: _int(v) and 0 <= v < 2**32), "expected an integer in [0, 2**32)")
+DEVICE = ((lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v) is not None),
+          "expected auto, cpu, cuda or cuda:N")
+MAX_STEPS = ((lambda v: _int(v) and (v >= 1 or v == -1)), "expected an integer >= 1 (or -1: use trainer.max_epochs)")
+MAX_EPOCHS = ((lambda v: v is None or (_int(v) and (v >= 1 or v == -1))), "expected an integer >= 1 or -1")
+
+# key -> check; a key absent from the composed config is skipped (not every task has every group).
+SCHEMA: dict[str, tuple[Callable, str]] = {
+    "seed": SEED,
+    "timesteps": int_at_least(1),
+    "auto_resume": BOOL,
+    "force": BOOL,
+    "sampler_source": one_of("auto", "config"),
+    "eval.n_samples": int_at_least(1),
+    "eval.seed": SEED,
+    "eval.batch_size": optional(int_at_least(1)),
+    "eval.use_ema": BOOL,
+    "eval.unconditional": BOOL,
+    "eval.precision": one_of("auto", "32", "32-true", "bf16", "bf16-mixed", "16", "16-mixed", 32, 16),
+    "eval.device": DEVICE,
+    "eval.reference.n": optional(int_at_least(1)),
+    "eval.fidelity.batch_size": int_at_least(1),
+    "eval.fidelity.kid_subsets": int_at_least(1),
+    "eval.fidelity.kid_subset_size": int_at_least(2),
+    "trainer.max_steps": MAX_STEPS,
+    "trainer.max_epochs": MAX_EPOCHS,
+    "trainer.log_every_n_steps": int_at_least(1),
+    "trainer.accumulate_grad_batches": int_at_least(1),
+    "trainer.gradient_clip_val": optional(positive_number()),
+    "optimizer.lr": positive_number(),
+    "optimizer.weight_decay": nonneg_number(),
+    "lr_scheduler.warmup_steps": int_at_least(0),
+    "data.batch_size": int_at_least(1),
+    "train.nonfinite": one_of("raise", "skip"),
+    "train.nonfinite_check": one_of("auto", "step", "deferred"),
+    "train.max_consecutive_skips": int_at_least(1),
+    "train.nonfinite_check_every": int_at_least(1),
+}
+
+# Input files: key -> what the file should be. Checked for existence here; their content is checked by
+# their readers (load_checkpoint, read_samples, the data modules) before any work.
+FILES = {
+    "ckpt": "a .ckpt written by a training run",
+    "ckpt_path": "a .ckpt to resume from",
+    "samples": "a samples.pt or samples.npz",
+    "eval.judge": "a classifier .ckpt written by task=train_classifier task.noisy=false",
+    "guidance.ckpt": "a classifier .ckpt written by task=train_classifier",
+    "data.path": "a points file (.pt/.npz/.npy/.csv/.txt)",
+    "eval.fidelity.weights": "Inception weights (.pth) for torch-fidelity",
+}
+
+
+def _show(value) -> str:
+    if isinstance(value, DictConfig) or OmegaConf.is_list(value):
+        return str(OmegaConf.to_container(value))
+    return str(value)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first bad value (table order), naming the key and what was expected."""
+    for key, (check, expected) in SCHEMA.items():
+        value = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False)
+        if value is _MISSING:
+            continue
+        if not check(value):
+            raise ConfigError(f"{key}={_show(value)}: {expected}")
+    steps, epochs = OmegaConf.select(cfg, "trainer.max_steps"), OmegaConf.select(cfg, "trainer.max_epochs")
+    if steps == -1 and epochs in (None, -1) and OmegaConf.select(cfg, "trainer") is not None:
+        raise ConfigError("trainer.max_steps=-1: with trainer.max_epochs=-1 training would never end; set one")
+    warmup, lr_target = (OmegaConf.select(cfg, "lr_scheduler.warmup_steps"),
+                         OmegaConf.select(cfg, "lr_scheduler._target_"))
+    if lr_target and _int(warmup) and _int(steps) and steps > 0 and warmup >= steps:
+        raise ConfigError(f"lr_scheduler.warmup_steps={warmup}: expected fewer than trainer.max_steps={steps}")
+    for key, what in FILES.items():
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if value in (None, ""):
+            continue
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={_show(value)}: expected a path to {what}")
+        if not Path(value).is_file():
+            raise ConfigError(f"{key}={value}: file not found (expected {what})")
+    classes = OmegaConf.select(cfg, "eval.classes", default=None)
+    judge = OmegaConf.select(cfg, "eval.judge", default=None)
+    if judge and classes is None:
+        raise ConfigError(f"eval.judge={judge}: judging needs class requests (eval.classes=all or a list)")

@@ -1,0 +1,40 @@
+"""Test-only callback (tests/ is put on PYTHONPATH by the kill tests): SIGKILLs its own process at an exact
+point, once; the marker file makes the same command a plain run afterwards (same config: the resume)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+
+
+class Kill(L.Callback):
+    """at="between": at `step`, after the step file is written and before last.ckpt (the second checkpoint
+    dump of that step). at="sampling": at sampler step 3 of the final sampling, after training ended."""
+
+    def __init__(self, marker: str, at: str = "between", step: int = 30):
+        self.marker, self.at, self.step, self.dumps = Path(marker), at, step, 0
+
+    def _die(self) -> None:
+        if not self.marker.exists():
+            self.marker.write_text(self.at)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self.at == "between" and trainer.global_step == self.step:
+            self.dumps += 1
+            if self.dumps == 2:
+                self._die()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at != "sampling":
+            return
+        sampler = pl_module.sampler
+
+        def killing(*args, **kwargs):
+            kwargs["callback"] = lambda i, t, x: self._die() if i == 3 else None
+            return sampler(*args, **kwargs)
+
+        pl_module.sampler = killing
