@@ -8,7 +8,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from diffusion_lab.cli import check_composition, check_group_choices, run_task
+from diffusion_lab.cli import check_composition, check_group_choices, check_output_dirs, run_task
 
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -22,4 +22,5 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     check_group_choices(CONF, sys.argv[1:])  # one-line error for unknown choices, before Hydra starts
     check_composition(CONF, sys.argv[1:])  # ... and for unknown keys or malformed overrides
+    check_output_dirs(sys.argv[1:])  # ... and for output dirs that cannot be created
     main()

@@ -15,6 +15,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from diffusion_lab.checkpoint_io import AtomicCheckpointIO
 from diffusion_lab.errors import ConfigError
@@ -49,6 +50,9 @@ def make(cfg: DictConfig, key: str, optional: bool = False, **kwargs):
                           "and then partly overridden?")
     try:
         return instantiate(node, **kwargs)
+    except OmegaConfBaseException as exc:  # e.g. model.channels=${data.channels} on points data
+        msg = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
+        raise ConfigError(f"{key}: {msg} (does this {key} fit the data and the other choices?)") from exc
     except InstantiationException as exc:
         cause = _root_cause(exc)
         msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
@@ -89,12 +93,16 @@ def build(cfg: DictConfig) -> Parts:
     sampler = make(cfg, "sampler")
     check_sampler(sampler, schedule)
     guidance = make_guidance(cfg, net, schedule)
-    module = DiffusionModule(
-        net=net, objective=objective, optimizer=make(cfg, "optimizer"), sampler=sampler,
-        sample_shape=tuple(datamodule.shape), lr_scheduler=make(cfg, "lr_scheduler", optional=True),
-        config=resolved(cfg), guidance=guidance, sample_precision=sample_precision(cfg),
-        **(cfg.get("train") or {}),
-    )
+    try:
+        module = DiffusionModule(
+            net=net, objective=objective, optimizer=make(cfg, "optimizer"), sampler=sampler,
+            sample_shape=tuple(datamodule.shape), lr_scheduler=make(cfg, "lr_scheduler", optional=True),
+            config=resolved(cfg), guidance=guidance, sample_precision=sample_precision(cfg),
+            **(cfg.get("train") or {}),
+        )
+    except (ValueError, TypeError) as exc:  # the train.* options
+        msg = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
+        raise ConfigError(f"train.{msg}" if re.match(r"^\w+=", msg) else f"train: {msg}") from exc
     return Parts(datamodule=datamodule, module=module)
 
 

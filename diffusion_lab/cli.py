@@ -11,7 +11,6 @@ import traceback
 from pathlib import Path
 
 import yaml
-
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -74,6 +73,28 @@ def check_composition(conf_dir: Path, argv: list[str]) -> None:
         _fail(_composition_error(exc, first))
 
 
+def check_output_dirs(argv: list[str]) -> None:
+    """hydra.run.dir / hydra.sweep.dir must be creatable and writable: Hydra creates them before any of our
+    code runs, and its failure is a traceback. Probed with a temp dir in the nearest existing ancestor (the
+    only reliable test: root ignores permission bits, read-only mounts and /proc do not)."""
+    import tempfile
+
+    for arg in argv:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key not in ("hydra.run.dir", "hydra.sweep.dir") or not value or "$" in value:
+            continue
+        path = Path(value)
+        ancestor = path
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            _fail(f"{key}={value}: {ancestor} is a file, not a directory")
+        try:
+            Path(tempfile.mkdtemp(dir=ancestor, prefix=".dl_probe_")).rmdir()
+        except OSError as exc:
+            _fail(f"{key}={value}: cannot create or write it under {ancestor} ({exc.strerror})")
+
+
 def _first_line(exc: BaseException) -> str:
     return next(iter(str(exc).strip().splitlines()), type(exc).__name__)
 
@@ -128,13 +149,13 @@ def run_task(cfg: DictConfig):
         allow_user_targets(cfg.get("allow_targets"))
         validate(cfg)
         if multirun:
-            done = _finished(cfg, run_dir)
-            if done is not None:
-                log.info("skipping %s: finished with this config (force=true re-runs it)", run_dir)
-                return _sweep_value(cfg, done)
             _single_job_argv(hc)
             if cfg.get("device_per_job", True):
                 assign_job_device(cfg, int(hc.job.num))
+            done = _finished(cfg, run_dir)  # after the device assignment: the hash is of the config as run
+            if done is not None:
+                log.info("skipping %s: finished with this config (force=true re-runs it)", run_dir)
+                return _sweep_value(cfg, done)
         try:
             lock = claim(cfg, run_dir, hc, key)
         except PermissionError as exc:

@@ -74,7 +74,8 @@ def stored_config(run_dir: Path) -> dict | None:
     try:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise RunError(f"{path}: not a readable config ({str(exc).splitlines()[0]}); this dir is not reusable")
+        raise RunError(f"{path}: not a readable config ({str(exc).splitlines()[0]}); this dir is not reusable") \
+            from exc
 
 
 def check_owner(run_dir: Path, config: dict, key: str = "hydra.run.dir") -> bool:

@@ -160,6 +160,8 @@ class CosineSchedule(DiscreteSchedule):
         T = _check_positive_int("T", T)
         if not 0 < max_beta < 1:
             raise ValueError(f"max_beta={max_beta}: expected 0 < max_beta < 1")
+        if not s >= 0:
+            raise ValueError(f"s={s}: expected an offset >= 0 (Nichol & Dhariwal use 0.008)")
         self.T = T
         super().__init__(cosine_betas(T, s, max_beta), "cosine")
 

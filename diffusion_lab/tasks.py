@@ -38,8 +38,11 @@ from diffusion_lab.evaluation import (
 )
 from diffusion_lab.guidance import ClassifierGuidance, requested_labels
 from diffusion_lab.guidance import describe as guidance_describe
+from diffusion_lab.optim import optimizer_config
 from diffusion_lab.report import read_scalars, training_facts, write_report
 from diffusion_lab.samplers import nfe
+
+TRAIN_TARGET = "diffusion_lab.tasks.train"
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -161,21 +164,29 @@ def _resume_path(cfg: DictConfig, run_dir: Path, module=None) -> str | None:
 def check_weights(stored: dict, expected: dict, source: str) -> None:
     """One line when a checkpoint holds another model's weights (other size, other net)."""
     missing = [k for k in expected if k not in stored]
+    extra = [k for k in stored if k not in expected]
     shapes = [k for k in expected if k in stored and tuple(stored[k].shape) != tuple(expected[k].shape)]
-    if missing or shapes:
+    if missing or extra or shapes:
         what = (f"{shapes[0]} has shape {tuple(stored[shapes[0]].shape)}, this model's "
-                f"{tuple(expected[shapes[0]].shape)}" if shapes else f"no weight {missing[0]}")
-        raise ConfigError(f"{source}: a checkpoint of a different model ({what}; {len(missing) + len(shapes)} "
-                          "tensors differ); expected one of the configured model")
+                f"{tuple(expected[shapes[0]].shape)}" if shapes else
+                f"no weight {missing[0]}" if missing else f"an unknown weight {extra[0]}")
+        differ = len(missing) + len(extra) + len(shapes)
+        raise ConfigError(f"{source}: a checkpoint of a different model ({what}; {differ} tensors differ); "
+                          "expected one of the configured model")
 
 
 def _data_error(cfg: DictConfig, exc: BaseException) -> ConfigError:
-    """A data module's load error as one line naming the data key it came from."""
+    """A data module's load error as one line naming the data key it came from: the key whose value (a path)
+    the message mentions, else data.path / data.root."""
     msg = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
+    if not isinstance(exc, (ValueError, OSError)):
+        msg = f"{type(exc).__name__}: {msg}"
     if re.match(r"^[\w.]+=", msg):
         return ConfigError(msg if msg.startswith("data.") else f"data.{msg}")
-    for key in ("path", "root"):
-        value = OmegaConf.select(cfg, f"data.{key}", default=None)
+    data = OmegaConf.select(cfg, "data") or {}
+    named = [k for k, v in data.items() if isinstance(v, str) and v and v in msg]
+    for key in [*named, "path", "root"]:
+        value = data.get(key)
         if value:
             return ConfigError(f"data.{key}={value}: {msg}")
     return ConfigError(f"data: {msg}")
@@ -188,7 +199,7 @@ def setup_data(cfg: DictConfig, datamodule) -> None:
         datamodule.setup("fit")
     except ConfigError:
         raise
-    except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError, RuntimeError) as exc:
+    except Exception as exc:  # any reader failure (missing, truncated, wrong format) is about the data's files
         raise _data_error(cfg, exc) from exc
 
 
@@ -199,6 +210,11 @@ def check_fit(cfg: DictConfig, parts) -> None:
     module, dm = parts.module, parts.datamodule
     x = torch.zeros(2, *dm.shape)
     cond = torch.zeros(2, dtype=torch.long) if getattr(module, "num_classes", 0) else None
+    try:  # the optimizer and its LR schedule are built lazily by Lightning: build them once here
+        optimizer_config(list(module.parameters()), module.optimizer_factory, module.lr_scheduler_factory)
+    except (ValueError, TypeError) as exc:
+        msg = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
+        raise ConfigError(f"optimizer: {msg}") from exc
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             per_sample, _ = module.objective.loss(module.net, x, cond)
@@ -321,6 +337,10 @@ def _restore(cfg: DictConfig) -> tuple:
         raise ConfigError("ckpt=null: task=sample/evaluate needs ckpt=<path to a .ckpt>")
     ckpt = load_checkpoint(cfg.ckpt)
     saved = OmegaConf.create(ckpt["config"])
+    kind = OmegaConf.select(saved, "task._target_", default=None)
+    if kind != TRAIN_TARGET:
+        raise ConfigError(f"ckpt={cfg.ckpt}: written by task {kind}, not a diffusion model; task=sample/evaluate "
+                          "need a checkpoint of task=train")
     parts = build(saved)
     state, used_ema = module_state(ckpt, bool(cfg.eval.use_ema))
     check_weights(state, parts.module.state_dict(), f"ckpt={cfg.ckpt}")

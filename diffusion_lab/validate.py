@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from diffusion_lab.errors import ConfigError
 
@@ -112,6 +113,12 @@ def _show(value) -> str:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first bad value (table order), naming the key and what was expected."""
+    try:  # interpolations that cannot resolve: a model asking for ${data.channels} on points data
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "config"
+        msg = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
+        raise ConfigError(f"{key}: {msg} (do the chosen groups fit together?)") from exc
     for key, (check, expected) in SCHEMA.items():
         value = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False)
         if value is _MISSING:

@@ -18,7 +18,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import run  # noqa: E402  (imports torch, Lightning, Hydra once, before any fork)
+# The heavy imports a task needs (torch, Lightning, the suite), once, before any fork.
+import diffusion_lab.classifier  # noqa: E402, F401
+import diffusion_lab.denoiser  # noqa: E402, F401
+import diffusion_lab.tasks  # noqa: E402, F401
 
 
 def run_case(args: list[str]) -> tuple[int, str]:

@@ -135,7 +135,7 @@ def test_malicious_cifar_batch_never_runs_code(tmp_path):
     folder = tmp_path / "data" / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]:
-        (folder / name).write_bytes(pickle.dumps({b"data": _Touch(canary), b"labels": [0]}, protocol=2))
+        (folder / name).write_bytes(pickle.dumps({b"data": _Touch(canary), b"labels": [0]}, protocol=4))
     from diffusion_lab.data.images import _unpickle
     from diffusion_lab.safety import UnsafeFileError
 

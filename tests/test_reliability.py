@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -73,10 +72,6 @@ def make_files(root: Path) -> dict[str, str]:
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("not a run")
     f["foreign"] = str(foreign)
-    readonly = root / "readonly"
-    readonly.mkdir()
-    readonly.chmod(stat.S_IRUSR | stat.S_IXUSR)
-    f["readonly"] = str(readonly)
     return f
 
 
@@ -86,10 +81,9 @@ def results(tmp_path_factory):
     files = make_files(root)
     # Fixture runs: a finished diffusion run (its dir and last.ckpt), a noisy and a clean classifier.
     run = root / "finished"
-    for args, key in (([f"hydra.run.dir={run}"], None),
-                      (["experiment=states_classifier", f"hydra.run.dir={root / 'clf'}"], "clf"),
-                      (["experiment=states_classifier", "task.noisy=false", f"hydra.run.dir={root / 'judge'}"],
-                       "judge")):
+    for args in ([f"hydra.run.dir={run}"],
+                 ["experiment=states_classifier", f"hydra.run.dir={root / 'clf'}"],
+                 ["experiment=states_classifier", "task.noisy=false", f"hydra.run.dir={root / 'judge'}"]):
         proc = run_cli([*BASE, *args])
         assert proc.returncode == 0, proc.stderr[-2000:]
     files |= {"run": str(run), "ckpt": str(run / "checkpoints" / "last.ckpt"),
@@ -104,7 +98,6 @@ def results(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = {r["id"]: r for r in json.loads(proc.stdout)}
     after = {c["id"]: snapshot(Path(c["unchanged"].format(**files))) for c in TABLE if "unchanged" in c}
-    Path(files["readonly"]).chmod(stat.S_IRWXU)  # let pytest clean up
     return out, before, after
 
 

@@ -5,7 +5,6 @@ only what truly changed."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -107,15 +106,15 @@ def test_concurrent_launches_never_share_a_dir(tmp_path):
 
     # One explicit dir: while a run is live there, a second launch is refused in one line, changing nothing.
     live = tmp_path / "live"
-    slow = [*args, f"hydra.run.dir={live}", "trainer.max_steps=200", "+callbacks.slow._target_=diffusion_lab.callbacks.Sleep",
-            "+callbacks.slow.seconds=0.05"]
+    slow = [*args, f"hydra.run.dir={live}", "trainer.max_steps=200",
+            "+callbacks.slow._target_=diffusion_lab.callbacks.Sleep", "+callbacks.slow.seconds=0.05"]
     first = subprocess.Popen(slow, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600
         while not (live / "checkpoints").exists() and first.poll() is None and time.time() < deadline:
             time.sleep(0.1)
         assert first.poll() is None, "the first run ended before the second launch"
-        proc = run_cli(slow[2:] + [])
+        proc = run_cli(slow[2:])
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and "in use by a live run" in lines[0], proc.stderr[-2000:]
     finally:

@@ -91,8 +91,10 @@ class PointsDataModule(L.LightningDataModule):
                  steps_per_epoch: int = 100, heldout: Callable | None = None, seed: int = 0,
                  name: str = "points", overfit: bool = False):
         super().__init__()
-        if batch_size < 1 or steps_per_epoch < 1:
-            raise ValueError(f"batch_size={batch_size}, steps_per_epoch={steps_per_epoch}: expected >= 1")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: expected an integer >= 1")
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch={steps_per_epoch}: expected an integer >= 1")
         self.source, self.heldout_source = source, heldout
         self.dim, self.num_classes, self.name = dim, num_classes, name
         self.batch_size, self.steps_per_epoch, self.seed = batch_size, steps_per_epoch, seed
