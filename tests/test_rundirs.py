@@ -136,7 +136,7 @@ def test_sweep_rerun_with_changed_data_path_reruns_its_jobs(tmp_path):
     proc = run_cli(["-m", *tiny, f"data.path={a}", "seed=0,1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = sorted(p.parent for p in sweep.rglob("results.json"))
-    assert len(first) == 2 and all("a.npz~" in p.name for p in first)
+    assert len(first) == 2 and all(str(a) in (p / "config.yaml").read_text() for p in first)
     stamps = [(p / "results.json").stat().st_mtime_ns for p in first]
     proc = run_cli(["-m", *tiny, f"data.path={a}", "seed=0,1"])  # same sweep: both jobs skipped
     assert proc.returncode == 0 and (proc.stdout + proc.stderr).count("skipping") == 2
@@ -144,7 +144,18 @@ def test_sweep_rerun_with_changed_data_path_reruns_its_jobs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.parent for p in sweep.rglob("results.json"))
     assert len(jobs) == 4 and [(p / "results.json").stat().st_mtime_ns for p in first] == stamps
-    new = [p for p in jobs if p not in first]
-    assert all("b.npz~" in p.name for p in new)
+    new = [p for p in jobs if p not in first]  # the path is part of the job name (file name + hash)
+    assert len(new) == 2
     for p in new:  # their numbers are the new data's, stored with the new path
         assert str(b) in (p / "config.yaml").read_text()
+
+
+def test_job_dirname_keeps_path_values_as_file_name_and_hash():
+    import hashlib
+
+    from diffusion_lab import job_dirname
+
+    digest = hashlib.sha1(b"/x/y/a.npz").hexdigest()[:6]
+    assert job_dirname(3, "data.path=/x/y/a.npz,seed=0") == f"3_data.path=a.npz~{digest},seed=0"
+    assert job_dirname(3, "data.path=/x/z/a.npz,seed=0") != job_dirname(3, "data.path=/x/y/a.npz,seed=0")
+    assert job_dirname(0, "objective=v") == "0_objective=v"  # names without paths are unchanged
