@@ -163,6 +163,9 @@ def run_task(cfg: DictConfig):
         task = instantiate(cfg.task)
         results = task(cfg, run_dir)
     except (Exception, KeyboardInterrupt) as exc:
+        if lock is not None and isinstance(exc, ConfigError):
+            lock.rollback()  # a fresh dir whose run stopped on bad input is left as it was found
+            lock = None if lock.fd is None else lock
         ours = lock is not None or not (run_dir / "config.yaml").exists()
         if lock is None and ours:  # refused before the claim: leave no empty dir behind
             _remove_if_empty(run_dir)

@@ -109,6 +109,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path, key: str = "hydra.run.dir"):
         self.path, self.key, self.fd = run_dir / LOCK, key, None
+        self.fresh = False  # the claim found no run in the dir (rollback() may then undo it)
 
     def acquire(self) -> None:
         while True:
@@ -133,6 +134,27 @@ class RunLock:
                 return
             os.close(fd)
 
+    def rollback(self) -> None:
+        """Undo a fresh claim whose run stopped on a config error before writing anything else (no
+        checkpoint, no results): the dir is free again for the corrected command."""
+        run_dir = self.path.parent
+        mine = {LOCK, "config.yaml", HASH, ".hydra", "run.log", "error.txt"}
+        if not self.fresh or any(p.name not in mine for p in run_dir.iterdir()):
+            return
+        for name in mine - {LOCK}:
+            path = run_dir / name
+            if path.is_dir():
+                for child in path.iterdir():
+                    child.unlink()
+                path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+        self.release()
+        try:
+            run_dir.rmdir()
+        except OSError:
+            pass
+
     def release(self) -> None:
         if self.fd is not None:
             self.path.unlink(missing_ok=True)
@@ -153,7 +175,8 @@ def claim(cfg: DictConfig, run_dir: Path, hydra_cfg=None, key: str = "hydra.run.
     lock = RunLock(run_dir, key)
     lock.acquire()
     try:
-        check_owner(run_dir, config, key)  # again under the lock: a racing launch may have written meanwhile
+        # again under the lock: a racing launch may have written meanwhile
+        lock.fresh = not check_owner(run_dir, config, key)
         _write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         _write(run_dir / HASH, config_hash(config) + "\n")
         if hydra_cfg is not None:

@@ -128,10 +128,6 @@ def validate(cfg: DictConfig) -> None:
     steps, epochs = OmegaConf.select(cfg, "trainer.max_steps"), OmegaConf.select(cfg, "trainer.max_epochs")
     if steps == -1 and epochs in (None, -1) and OmegaConf.select(cfg, "trainer") is not None:
         raise ConfigError("trainer.max_steps=-1: with trainer.max_epochs=-1 training would never end; set one")
-    warmup, lr_target = (OmegaConf.select(cfg, "lr_scheduler.warmup_steps"),
-                         OmegaConf.select(cfg, "lr_scheduler._target_"))
-    if lr_target and _int(warmup) and _int(steps) and steps > 0 and warmup >= steps:
-        raise ConfigError(f"lr_scheduler.warmup_steps={warmup}: expected fewer than trainer.max_steps={steps}")
     for key, what in FILES.items():
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
         if value in (None, ""):

@@ -194,7 +194,7 @@ def test_bad_metric_name_and_missing_weights_fail_in_one_line_before_sampling(tm
     for extra, message in (
         (["eval.metrics=[fid,is]"], "eval.metrics=['fid', 'is']: unknown ['is']"),
         (["eval.metrics=[kid]", f"eval.fidelity.weights={tmp_path / 'nope.pth'}"], "eval.fidelity.weights="),
-        ([f"eval.judge={tmp_path / 'nope.ckpt'}", "eval.classes=all"], "eval.judge: ckpt="),
+        ([f"eval.judge={tmp_path / 'nope.ckpt'}", "eval.classes=all"], "eval.judge="),
     ):
         proc = run_cli([*base, *extra, f"hydra.run.dir={tmp_path / 'run'}"])
         err = proc.stderr.strip().splitlines()

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import FAST, REPO, run_cli
 
@@ -159,3 +160,32 @@ def test_job_dirname_keeps_path_values_as_file_name_and_hash():
     assert job_dirname(3, "data.path=/x/y/a.npz,seed=0") == f"3_data.path=a.npz~{digest},seed=0"
     assert job_dirname(3, "data.path=/x/z/a.npz,seed=0") != job_dirname(3, "data.path=/x/y/a.npz,seed=0")
     assert job_dirname(0, "objective=v") == "0_objective=v"  # names without paths are unchanged
+
+
+@pytest.mark.slow
+def test_kills_at_random_moments_resume_bit_identically(tmp_path):
+    """10 SIGKILLs at seeded random moments of a run (training, checkpoint writes, final sampling); each
+    resumed by the same command must end bit-identical to the uninterrupted run, weights and samples."""
+    import random
+
+    ref = tmp_path / "ref"
+    slow = ["+callbacks.slow._target_=diffusion_lab.callbacks.Sleep", "+callbacks.slow.seconds=0.02"]
+    args = [*RUN, "eval.n_samples=20000", "sampler.steps=50", *slow]
+    t0 = time.time()
+    proc = run_cli([*args, f"hydra.run.dir={ref}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    duration = time.time() - t0
+    rng = random.Random(0)
+    for i in range(10):
+        run = tmp_path / f"killed{i}"
+        child = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args, f"hydra.run.dir={run}"], cwd=REPO,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 1.0) * duration)
+        child.kill()
+        child.wait()
+        proc = run_cli([*args, f"hydra.run.dir={run}"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _same_weights(ref, run)
+        _same_samples(ref, run)
+        names = [p.name for p in (run / "checkpoints").iterdir()]
+        assert not any(n.startswith(".tmp_") or "-v" in n for n in names), names
