@@ -273,8 +273,9 @@ def _dpmpp_multistep(denoise: Denoiser, path: NoisePath, noise: Tensor, steps: i
     """DPM-Solver++ multistep in data-prediction form (Lu et al. 2022, Alg. 2; 3rd order as in their code).
 
     With lambda = ln(alpha / sigma) and h = lambda_s - lambda_t, the exponential integrator gives
-    x_s = (sigma_s / sigma_t) x_t + alpha_s * increment; orders build up from 1 as the history fills, and
-    the last step to sigma = 0 is first order (x = x0_hat), as in the paper and k-diffusion.
+    x_s = (sigma_s / sigma_t) x_t + alpha_s * increment; orders build up from 1 as the history fills, the
+    step before the last is at most second order, and the last step to sigma = 0 is first order
+    (x = x0_hat), as in the paper and k-diffusion.
     """
     ts, alphas, sigmas = _coefficients(path, steps, spacing)
     # lambda = -inf where alpha = 0 (t = 1 of rectified flow / zero terminal SNR): that first step is
@@ -289,7 +290,11 @@ def _dpmpp_multistep(denoise: Denoiser, path: NoisePath, noise: Tensor, steps: i
             x = alphas[i + 1] * x0_hat
         else:
             h = lams[i + 1] - lams[i]
-            x = (sigmas[i + 1] / sigmas[i]) * x + alphas[i + 1] * _dpmpp_increment(x0_hat, past, h)
+            # At most second order on the step before the last (diffusers' lower_order_final): that step
+            # ends near sigma_min and is far longer in lambda than the ones before it, where a quadratic
+            # extrapolation of x0_hat over the history overshoots.
+            usable = past if i < steps - 2 else past[-1:]
+            x = (sigmas[i + 1] / sigmas[i]) * x + alphas[i + 1] * _dpmpp_increment(x0_hat, usable, h)
             if math.isfinite(h):
                 past = (past + [(x0_hat, h)])[-(order - 1):]
         if callback is not None:
