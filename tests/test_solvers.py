@@ -54,6 +54,12 @@ def valid(pname: str, oname: str, spacing: str) -> bool:
     return not (pname == "ve" and spacing in ("uniform", "linspace"))
 
 
+def karras_steps(path, spacing: str, steps: int) -> int:
+    """Karras rho = 7 spends most steps near sigma_max; where sigma/alpha reaches 1e4 at t = 1 (cosine,
+    zero terminal SNR, rectified flow) a 25-step grid leaves too few for the data end: test at 4x."""
+    return 4 * steps if spacing == "karras" and path.ratio_range()[1] > 500 else steps
+
+
 COMBOS = [(p, o, sp) for p in PATHS for o in OBJECTIVES for sp in SC.SPACINGS if valid(p, o, sp)]
 
 # ---------------------------------------------------------------- Gaussian oracle
@@ -89,7 +95,7 @@ def test_gaussian_oracle_new_solvers(pname, oname, spacing, sname):
     """Closed-form denoiser through every valid path x objective x spacing x new solver recovers N(MU, TAU^2)."""
     path = PATHS[pname]()
     obj = OBJECTIVES[oname](path)
-    steps = min(25, path.discrete_T or 25)
+    steps = min(karras_steps(path, spacing, 25), path.discrete_T or 10**6)
     g = torch.Generator().manual_seed(1)
     noise = torch.randn(4000, 1, generator=g)
     x = NEW_SAMPLERS[sname](S.make_denoiser(oracle_net(path, obj), obj), path, noise, steps=steps,
@@ -109,12 +115,13 @@ def test_gaussian_oracle_new_solvers(pname, oname, spacing, sname):
 def test_gaussian_oracle_existing_samplers_on_new_spacings(pname, spacing, sname, sampler):
     path = PATHS[pname]()
     obj = O.X0Prediction(path) if pname in ALPHA_ZERO_AT_1 else O.EpsPrediction(path)
-    steps = min(50, path.discrete_T or 50)
+    steps = min(karras_steps(path, spacing, 50), path.discrete_T or 10**6)
     g = torch.Generator().manual_seed(1)
     noise = torch.randn(4000, 1, generator=g)
     x = sampler(S.make_denoiser(oracle_net(path, obj), obj), path, noise, steps=steps, spacing=spacing, generator=g)
     alpha0 = float(path.alpha_sigma(path.grid(steps, spacing)[:1])[0])
-    tol = 0.02 + 3.0 / steps + 2 * alpha0 * MU / path.prior_std
+    # ancestral ignores Var[x0 | xt]: O(1/steps), larger where the grid crowds the ends (Karras)
+    tol = 0.02 + (8.0 if sname == "ancestral" else 3.0) / steps + 2 * alpha0 * MU / path.prior_std
     assert abs(float(x.mean()) - MU) < tol and abs(float(x.std()) - TAU) < tol, (float(x.mean()), float(x.std()))
 
 
