@@ -431,3 +431,25 @@ def test_zero_terminal_snr(make):
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match=r"^objective=edm: "):
         O.EDMPreconditioned(zero)
+
+
+@pytest.mark.parametrize("steps", [8, 25])
+def test_dpmpp_2m_equals_diffusers_dpm_solver_multistep(steps):
+    """The reference implementation: diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2, trailing grid,
+    final sigma 0) on the same eps-net and noise (bench extra only; its tables are float32)."""
+    diffusers = pytest.importorskip("diffusers")
+    T = 1000
+    path = SC.LinearSchedule(T=T)
+    eps_net = lambda x, k: torch.sin(1.3 * x) * 0.8 + 0.001 * k  # a fixed smooth net of (x, training index k)
+    sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=T, beta_schedule="linear",
+                                                  algorithm_type="dpmsolver++", solver_order=2,
+                                                  timestep_spacing="trailing", final_sigmas_type="zero")
+    sched.set_timesteps(steps)
+    noise = torch.linspace(-3, 3, 41, dtype=torch.float32)[:, None]
+    x = noise.clone()
+    for t in sched.timesteps:
+        x = sched.step(eps_net(x, int(t) + 1), t, x).prev_sample  # diffusers' index t is our k = t + 1
+    obj = O.EpsPrediction(path)
+    ours = S.sample_dpmpp_2m(S.make_denoiser(lambda xt, t, c: eps_net(xt, torch.round(t * T)[:, None]), obj), path,
+                             noise.double(), steps, spacing="uniform")
+    torch.testing.assert_close(ours.float(), x, atol=2e-5, rtol=0)
