@@ -452,4 +452,5 @@ def test_dpmpp_2m_equals_diffusers_dpm_solver_multistep(steps):
     obj = O.EpsPrediction(path)
     ours = S.sample_dpmpp_2m(S.make_denoiser(lambda xt, t, c: eps_net(xt, torch.round(t * T)[:, None]), obj), path,
                              noise.double(), steps, spacing="uniform")
-    torch.testing.assert_close(ours.float(), x, atol=2e-5, rtol=0)
+    # equal up to diffusers' float32 arithmetic: |x| reaches ~1e3 here (x0 = (x - sigma eps) / alpha near t = 1)
+    assert float((ours.float() - x).abs().max()) <= 1e-5 * float(x.abs().max())
