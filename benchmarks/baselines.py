@@ -101,7 +101,8 @@ def sample_diffusers(model, n: int, shape: tuple[int, ...], steps: int, precisio
 
 
 @torch.no_grad()
-def sample_diffusers_dpmpp(model, n: int, shape: tuple[int, ...], steps: int, device: str, seed: int = 0) -> torch.Tensor:
+def sample_diffusers_dpmpp(model, n: int, shape: tuple[int, ...], steps: int, device: str,
+                           seed: int = 0) -> torch.Tensor:
     """DPMSolverMultistepScheduler (DPM-Solver++(2M), midpoint, lower-order final, final sigma 0) on the
     trailing grid, the loop of its pipelines: model -> scheduler.step per timestep."""
     from diffusers import DPMSolverMultistepScheduler

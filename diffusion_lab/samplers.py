@@ -89,7 +89,8 @@ def classifier_guided(denoise: Denoiser, classifier, cond: Tensor, scale: float,
     return guided
 
 
-def _coefficients(path: NoisePath, steps: int, spacing: str = "uniform") -> tuple[list[float], list[float], list[float]]:
+def _coefficients(path: NoisePath, steps: int,
+                  spacing: str = "uniform") -> tuple[list[float], list[float], list[float]]:
     """Grid times and alpha/sigma on them as python floats (computed once per sampling call)."""
     ts = path.grid(steps, spacing)
     alpha, sigma = path.alpha_sigma(ts)
@@ -234,7 +235,8 @@ def sample_edm(denoise: Denoiser, path: NoisePath, noise: Tensor, steps: int, ch
             t_hat = float(path.t_of_ratio(torch.tensor(ratio * (1 + gamma), dtype=torch.float64)))
             (a_t, a_h), (s_t, s_h) = path.alpha_sigma(torch.tensor([t, t_hat], dtype=torch.float64))
             k = float(a_h / a_t)
-            x = k * x + s_noise * math.sqrt(max(float(s_h) ** 2 - k**2 * float(s_t) ** 2, 0.0)) * _noise_like(x, generator)
+            std = s_noise * math.sqrt(max(float(s_h) ** 2 - k**2 * float(s_t) ** 2, 0.0))
+            x = k * x + std * _noise_like(x, generator)
             t = t_hat
         x = _heun_step(denoise, path, x, t, s)
         if callback is not None:

@@ -22,7 +22,6 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-
 SPACINGS = ("uniform", "leading", "linspace", "karras", "logsnr")
 
 

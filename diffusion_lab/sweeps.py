@@ -19,8 +19,8 @@ import yaml
 
 from diffusion_lab import plots
 
-PROTOCOL_FIELDS = ("sampler", "steps", "spacing", "eta", "churn", "nfe", "guidance", "guidance_scale", "step", "sample_seed",
-                   "wall_seconds", "sampling_seconds")
+PROTOCOL_FIELDS = ("sampler", "steps", "spacing", "eta", "churn", "nfe", "guidance", "guidance_scale", "step",
+                   "sample_seed", "wall_seconds", "sampling_seconds")
 DEFAULT_METRICS = ("nll", "fid", "kid_mean", "judge_accuracy", "accuracy", "test_mse_sigma_0.5")
 
 
