@@ -218,7 +218,8 @@ def sample_edm(denoise: Denoiser, path: NoisePath, noise: Tensor, steps: int, ch
 
     Where s_tmin <= sigma/alpha <= s_tmax the step first moves up to t_hat with sigma/alpha scaled by
     1 + gamma, gamma = min(churn / steps, sqrt(2) - 1), drawing the exact forward transition
-    q(x_t_hat | x_t) (on EDM's VE path: x + sqrt(s_hat^2 - s^2) s_noise z). churn = 0 is Heun.
+    q(x_t_hat | x_t) (on EDM's VE path: x + sqrt(s_hat^2 - s^2) s_noise z). churn = 0 is Heun. The
+    path ends at t = 1, so t_hat is clamped there and the first step (already at the prior) has no churn.
     """
     for name, value in (("churn", churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
         if not value >= 0:
