@@ -100,6 +100,24 @@ def sample_diffusers(model, n: int, shape: tuple[int, ...], steps: int, precisio
     return x
 
 
+@torch.no_grad()
+def sample_diffusers_dpmpp(model, n: int, shape: tuple[int, ...], steps: int, device: str,
+                           seed: int = 0) -> torch.Tensor:
+    """DPMSolverMultistepScheduler (DPM-Solver++(2M), midpoint, lower-order final, final sigma 0) on the
+    trailing grid, the loop of its pipelines: model -> scheduler.step per timestep."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    model = model.to(device).eval()
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=T_TRAIN, beta_schedule="linear",
+                                            algorithm_type="dpmsolver++", solver_order=2,
+                                            timestep_spacing="trailing", final_sigmas_type="zero")
+    scheduler.set_timesteps(steps)
+    x = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, t).sample, t, x).prev_sample
+    return x
+
+
 class NullUNet(torch.nn.Module):
     """A zero-cost stand-in for UNet2DModel (returns zeros): times the sampling loop's own overhead."""
 

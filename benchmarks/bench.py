@@ -32,7 +32,7 @@ import ours  # noqa: E402
 import report  # noqa: E402
 from baselines import T_TRAIN  # noqa: E402
 
-SECTIONS = ("peak", "train", "sample", "eval", "e2e", "states")
+SECTIONS = ("peak", "train", "sample", "solver", "eval", "e2e", "states")
 # Equal-size pairs: our preset -> (experiment it runs in, image shape, hflip, batch CPU, batch CUDA, overrides).
 # unet_cifar is Ho et al.'s CIFAR-10 model (35.75M params on both sides); unet_tiny is a small DDPM UNet
 # on MNIST-shaped data (mnist_ddpm's simple_unet `hidden` key does not apply to it).
@@ -157,6 +157,62 @@ def section_sample(device: str, quick: bool, peaks: dict) -> list[dict]:
     return rows
 
 
+def section_solver(device: str, quick: bool) -> list[dict]:
+    """DPM-Solver++(2M) at equal NFE on the same net: ours (sample_dpmpp_2m, uniform = trailing grid) vs
+    diffusers' DPMSolverMultistepScheduler; img/s, the loop's own overhead per step (zero-cost net), and the
+    largest difference between the two outputs from the same noise (both are the same update)."""
+    from diffusion_lab.samplers import sample_dpmpp_2m
+
+    experiment, shape, _, cpu_batch, gpu_batch, extra = PAIRS["unet_tiny"]
+    n = gpu_batch if device == "cuda" else cpu_batch
+    rows = []
+    cfg = ours.bench_cfg(experiment, "32-true", False, 1, ["data.download=false", "timesteps=1000", *extra])
+    module = ours.module_for(cfg, device)
+    net = _SameNet(module.net)
+    for nfe in ((10,) if quick else (10, 20)):
+        ours.sample(module, min(n, 8), 2, device, None, sampler=sample_dpmpp_2m)  # warm-up
+        t0 = time.perf_counter()
+        x_ours = ours.sample(module, n, nfe, device, None, sampler=sample_dpmpp_2m)
+        ours_s = time.perf_counter() - t0
+        baselines.sample_diffusers_dpmpp(net, min(n, 8), shape, 2, device)
+        t0 = time.perf_counter()
+        x_diff = baselines.sample_diffusers_dpmpp(net, n, shape, nfe, device)
+        harness.sync(device)
+        diff_s = time.perf_counter() - t0
+        gap = float((x_ours.float().cpu() - x_diff.float().cpu()).abs().max())
+        for side, seconds in (("ours", ours_s), ("diffusers", diff_s)):
+            rows.append({"side": side, "preset": "unet_tiny", "n": n, "nfe": nfe, "seconds": round(seconds, 3),
+                         "img_per_s": round(n / seconds, 2), "max_abs_diff": round(gap, 6)})
+        print(json.dumps(rows[-2]), json.dumps(rows[-1]), sep="\n", flush=True)
+    steps, n = (100, 8) if quick else (500, 8)
+    null = ours.null_module(cfg, device)
+    ours.sample(null, n, 5, device, None, sampler=sample_dpmpp_2m)
+    t0 = time.perf_counter()
+    ours.sample(null, n, steps, device, None, sampler=sample_dpmpp_2m)
+    ours_us = (time.perf_counter() - t0) / steps * 1e6
+    baselines.sample_diffusers_dpmpp(baselines.NullUNet(), n, shape, 5, device)
+    t0 = time.perf_counter()
+    baselines.sample_diffusers_dpmpp(baselines.NullUNet(), n, shape, steps, device)
+    diff_us = (time.perf_counter() - t0) / steps * 1e6
+    rows.append({"side": "overhead", "us_per_step_ours": round(ours_us, 1), "us_per_step_diffusers": round(diff_us, 1),
+                 "steps": steps, "n": n})
+    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+class _SameNet(torch.nn.Module):
+    """Our net behind diffusers' UNet2DModel call convention (integer t in [0, T), `.sample`): the same weights."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t, return_dict=True):
+        # diffusers' index t is our k = t + 1 on the grid t = k / T
+        tt = torch.full((x.shape[0],), (int(t) + 1) / baselines.T_TRAIN, device=x.device)
+        return type("Out", (), {"sample": self.net(x, tt, None)})()
+
+
 def section_eval(device: str, quick: bool) -> dict:
     """Inception feature throughput and a KID/FID evaluation with a cold and a warm reference cache."""
     from diffusion_lab.fidelity import InceptionFeatures, ReferenceCache, fidelity_metrics
@@ -271,6 +327,7 @@ def main(argv=None) -> None:
         seconds["peak"] = round(time.perf_counter() - t_start, 1)
     runners = {"train": lambda: section_train(device, args.quick, peaks),
                "sample": lambda: section_sample(device, args.quick, peaks),
+               "solver": lambda: section_solver(device, args.quick),
                "eval": lambda: section_eval(device, args.quick),
                "e2e": lambda: section_e2e(device, args.quick),
                "states": lambda: section_states(args.quick)}

@@ -104,10 +104,11 @@ def module_for(cfg, device: str):
 
 
 @torch.no_grad()
-def sample(module, n: int, steps: int, device: str, precision: str | None, seed: int = 0) -> torch.Tensor:
-    """`module.sample` with DDIM(eta=0) over `steps` steps, at autocast `precision` ('bf16' or None)."""
+def sample(module, n: int, steps: int, device: str, precision: str | None, seed: int = 0,
+           sampler=sample_ddim, **kwargs) -> torch.Tensor:
+    """`module.sample` with `sampler` (default DDIM(eta=0)) over `steps` steps at autocast `precision` (bf16/None)."""
     module.sample_precision = precision
-    sampler = partial(sample_ddim, steps=steps)
+    sampler = partial(sampler, steps=steps, **kwargs)
     out = module.sample(n, generator=torch.Generator().manual_seed(seed), sampler=sampler)
     sync(device)
     return out

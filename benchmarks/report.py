@@ -66,6 +66,16 @@ def ratios(result: dict) -> list[str]:
             less = r["us_per_step_diffusers"] / r["us_per_step_ours"]
             lines.append(f"sampling loop overhead per step: ours {r['us_per_step_ours']} us, diffusers "
                          f"{r['us_per_step_diffusers']} us ({less:.1f}x less)")
+    solver = result.get("solver") or []
+    for r in solver:
+        if r["side"] == "overhead":
+            lines.append(f"DPM-Solver++(2M) loop overhead per step: ours {r['us_per_step_ours']} us, diffusers "
+                         f"{r['us_per_step_diffusers']} us")
+    for nfe in dict.fromkeys(r["nfe"] for r in solver if "nfe" in r):
+        o = _best([r for r in solver if r.get("nfe") == nfe], side="ours")
+        d = _best([r for r in solver if r.get("nfe") == nfe], side="diffusers")
+        lines.append(f"DPM-Solver++(2M) {nfe} NFE x{o['n']} on the same net: {_ratio(o, d)} (ours {o['img_per_s']} "
+                     f"img/s, diffusers {d['img_per_s']}; outputs differ by <= {o['max_abs_diff']})")
     e2e = [r for r in result.get("e2e") or [] if "skipped" not in r]
     for p in dict.fromkeys(r["precision"] for r in e2e):
         o = _best(e2e, side="ours", precision=p)
@@ -123,6 +133,10 @@ def render_one(result: dict) -> str:
         lines += _table([r for r in result["sample"] if r["side"] != "overhead"],
                         ["side", "preset", "n", "steps", "precision", "channels_last", "seconds", "img_per_s",
                          "mfu"]) + [""]
+    if result.get("solver"):
+        lines += ["### Sampling (DPM-Solver++(2M) vs DPMSolverMultistepScheduler)", ""]
+        lines += _table([r for r in result["solver"] if r["side"] != "overhead"],
+                        ["side", "preset", "n", "nfe", "seconds", "img_per_s", "max_abs_diff"]) + [""]
     if result.get("e2e"):
         lines += ["### MNIST simple_unet end to end", ""]
         lines += _table(result["e2e"], ["side", "precision", "channels_last", "batch", "img_per_s", "params"]) + [""]

@@ -19,8 +19,8 @@ import yaml
 
 from diffusion_lab import plots
 
-PROTOCOL_FIELDS = ("sampler", "steps", "eta", "nfe", "guidance", "guidance_scale", "step", "sample_seed",
-                   "wall_seconds", "sampling_seconds")
+PROTOCOL_FIELDS = ("sampler", "steps", "spacing", "eta", "churn", "nfe", "guidance", "guidance_scale", "step",
+                   "sample_seed", "wall_seconds", "sampling_seconds")
 DEFAULT_METRICS = ("nll", "fid", "kid_mean", "judge_accuracy", "accuracy", "test_mse_sigma_0.5")
 
 
@@ -126,7 +126,21 @@ def write_plots(rows: list[dict], metric: str, out: Path) -> list[Path]:
         path = out / f"plot_{metric}_vs_{name.replace('/', '_')}.png"
         plots.save_figure(fig, path)
         written.append(path)
+    if len({r.get("protocol:nfe") for r in ok}) > 1:  # solver sweeps: quality per net evaluation
+        written.append(_nfe_plot(ok, [a for a in axes if not is_numeric[a]], metric, out))
     return written
+
+
+def _nfe_plot(ok: list[dict], categorical: list[str], metric: str, out: Path) -> Path:
+    """Metric vs the protocol's exact NFE, one line per combination of the categorical swept keys."""
+    series: dict[str, list[tuple]] = {}
+    for r in ok:
+        label = "/".join(str(r.get(a)) for a in categorical) or metric
+        series.setdefault(label, []).append((r["protocol:nfe"], r[f"metric:{metric}"]))
+    fig = plots.plot_metric_series(series, xlabel="NFE", ylabel=metric, title=f"{metric} vs NFE")
+    path = out / f"plot_{metric}_vs_nfe.png"
+    plots.save_figure(fig, path)
+    return path
 
 
 def collect(root: str | Path, metric: str | None = None) -> dict:

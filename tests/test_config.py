@@ -79,10 +79,11 @@ def test_invalid_values_name_the_key(override, expect, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["objective=foo"], "error: objective=foo: unknown choice; allowed: eps, fixed_sigma, v, velocity, x0"),
+    (["objective=foo"], "error: objective=foo: unknown choice; allowed: edm, eps, fixed_sigma, v, velocity, x0"),
     (["sampler.steps=0"], "error: sampler.steps=0: expected an integer >= 1"),
     (["schedule.T=-3"], "error: schedule.T=-3: expected an integer >= 1"),
-    (["-m", "sampler=ddim,nope"], "error: sampler=nope: unknown choice; allowed: ancestral, ddim, euler, heun"),
+    (["-m", "sampler=ddim,nope"],
+     "error: sampler=nope: unknown choice; allowed: ancestral, ddim, dpmpp_2m, dpmpp_3m, edm, euler, heun"),
 ])
 def test_cli_errors_are_one_line(args, needle, tmp_path):
     proc = run_cli([*args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep"], timeout=120)

@@ -92,6 +92,7 @@ def test_multirun_over_objectives(tmp_path):
 @pytest.mark.parametrize("overrides,threshold", [
     ([], 2.6),
     (["experiment=states_rf"], 2.7),
+    (["experiment=states_edm", "sampler.steps=10"], 2.6),
 ])
 def test_short_training_learns_states(overrides, threshold, tmp_path):
     """A short CPU run drives the STATES NLL well below N(0, I) noise's ~3.70."""
