@@ -43,15 +43,15 @@ def noised(schedule: NoisePath, x0: Tensor, t: Tensor | None, generator: torch.G
 
 
 class ClassifierModule(L.LightningModule):
-    """Cross-entropy training of `net(xt, t)`; validation on a held-out split at fixed noise draws."""
+    """Cross-entropy training of `net(xt, t)`; validation (the datamodule's val_dataloader: Lightning takes every
+    loader from the datamodule that `fit` gets) at fixed noise draws."""
 
     def __init__(self, net: nn.Module, schedule: NoisePath, optimizer: Callable, lr_scheduler: Callable | None = None,
-                 noisy: bool = True, val_split: str | None = None, val_batch_size: int = 2048,
-                 config: dict | None = None):
+                 noisy: bool = True, config: dict | None = None):
         super().__init__()
         self.net, self.schedule, self.noisy = net, schedule, noisy
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
-        self.val_split, self.val_batch_size, self.config = val_split, val_batch_size, config
+        self.config = config
 
     def on_fit_start(self) -> None:
         to_device = getattr(self.trainer.datamodule, "to_device", None)
@@ -74,11 +74,6 @@ class ClassifierModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/accuracy", acc)
         return loss
-
-    def val_dataloader(self):
-        x, y = self.trainer.datamodule.labelled(self.val_split)
-        return [{"x": x[i: i + self.val_batch_size], "cond": y[i: i + self.val_batch_size]}
-                for i in range(0, len(x), self.val_batch_size)]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # The same noise draws at every validation: the curve moves only when the classifier does.
@@ -139,11 +134,14 @@ def train_classifier(cfg: DictConfig, run_dir: Path, noisy: bool = True,
     datamodule.setup()
     if not getattr(datamodule, "num_classes", 0):
         raise ConfigError("data.num_classes=0: task=train_classifier needs labelled data")
+    val_split = datamodule.val_split
+    if not datamodule.has_split(val_split):  # before any training: the accuracy needs held-out labels
+        raise ConfigError(f"data: {datamodule.name} has no {val_split} split for the classifier's validation and "
+                          "accuracy; set data.heldout_path=<points file> or data.heldout_fraction=<0..1> (a "
+                          "seeded per-class split)")
     schedule = make(cfg, "schedule")
-    val_split = "test" if getattr(datamodule, "kind", "points") == "images" else "heldout"
     module = ClassifierModule(make(cfg, "classifier"), schedule, make(cfg, "optimizer"),
-                              make(cfg, "lr_scheduler", optional=True), noisy=noisy, val_split=val_split,
-                              config=resolved(cfg))
+                              make(cfg, "lr_scheduler", optional=True), noisy=noisy, config=resolved(cfg))
     _save_resolved_config(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, exclude=(SampleMonitor,))
     t_fit = time.perf_counter()
@@ -171,7 +169,7 @@ def train_classifier(cfg: DictConfig, run_dir: Path, noisy: bool = True,
             xy = torch.as_tensor(xy, device=device)
             return torch.softmax(net(xy, torch.full((len(xy),), t, device=device)).float(), 1).cpu()
 
-        fig = plots.plot_prediction_maps(predict, *datamodule.labelled("train"), ts=levels if noisy else [0.0],
+        fig = plots.plot_prediction_maps(predict, *datamodule.labelled("all"), ts=levels if noisy else [0.0],
                                          class_names=names, title=f"{cfg.get('name', '')}: argmax p(y | xt, t)")
         plots.save_figure(fig, run_dir / "prediction_map.png")
     protocol = {"task": "train_classifier", "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),

@@ -125,7 +125,7 @@ def evaluate_samples(samples: torch.Tensor, datamodule, run_dir: Path, title: st
     uncond = labels < 0
     metrics = point_metrics(samples[uncond] if uncond.any() else samples, reference, datamodule.heldout)
     names = list(datamodule.class_names)
-    true_x, true_y = datamodule.labelled("train")
+    true_x, true_y = datamodule.labelled("all")  # the protocol's reference: every true point, held-out or not
     metrics |= class_metrics(samples, labels, true_x, true_y, names)
     cond = ~uncond
     plots.save_figure(plots.render_samples(samples[cond], datamodule, labels=labels[cond],

@@ -126,6 +126,14 @@ class DiffusionModule(L.LightningModule):
             self.log(f"train/loss_t_q{q + 1}", value)
         return loss
 
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """The training loss on held-out data (the datamodule's val_dataloader) with the same t and noise at
+        every validation (seeded per batch), so the curve moves only when the model does."""
+        generator = torch.Generator(self.device).manual_seed(batch_idx)
+        per_sample, _ = self.objective.loss(self.net, self._prepare(batch["x"]), batch.get("cond"),
+                                            generator=generator)
+        self.log("val/loss", per_sample.mean(), batch_size=len(batch["x"]))
+
     def _fused_without_scaler(self, optimizer) -> bool:
         """A fused optimizer (it unscales internally) and no fp16 GradScaler: its grads are the true grads
         and its `found_inf` is ours to set."""

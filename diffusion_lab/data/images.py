@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from diffusion_lab.data.lowdim import InMemoryBatches, rank_seed
+from diffusion_lab.data.lowdim import HeldoutBatches, InMemoryBatches, rank_seed
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.safety import UnsafeFileError, restricted_pickle_load
 
@@ -132,6 +132,7 @@ class ImageDataModule(L.LightningDataModule):
     """Images held in memory as one uint8 tensor; subclasses implement `load_split(split)`."""
 
     kind = "images"
+    val_split = "test"  # the split that validation loops and classifier accuracy use
     to_uint8 = staticmethod(to_uint8)  # datamodule.to_uint8(samples) for grids / FID inputs
     from_uint8 = staticmethod(from_uint8)
 
@@ -194,6 +195,16 @@ class ImageDataModule(L.LightningDataModule):
             self._loader = InMemoryBatches(self.data, cond, bs, steps, rank_seed(self), fixed=self.overfit,
                                            transform=FlipToFloat(self.hflip and not self.overfit))
         return self._loader
+
+    def val_dataloader(self) -> HeldoutBatches:
+        """The test split in fixed batches, in model space ([-1, 1]); loaded only when validation runs
+        (trainer.limit_val_batches > 0)."""
+        x, y = self._split(self.val_split)
+        to_model = lambda b: {"x": from_uint8(b["x"]), "cond": b["cond"]}
+        return HeldoutBatches(x, y if self.num_classes else None, self.batch_size, transform=to_model)
+
+    def has_split(self, split: str) -> bool:
+        return split in ("train", self.val_split)
 
     def _split(self, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         if split == "train":

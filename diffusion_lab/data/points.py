@@ -147,6 +147,24 @@ def load_points_file(path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     return data.astype(np.float32), labels.astype(np.int64), names
 
 
+def split_heldout(data: np.ndarray, labels: np.ndarray | None, fraction: float, seed: int = 0):
+    """Seeded held-out split: `fraction` of each class (of all points when unlabelled) -> (train, heldout) index
+    arrays, both sorted. Per class, so the held-out part has the data's class balance."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"heldout_fraction={fraction}: expected a fraction in (0, 1)")
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(len(data))] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    held = []
+    for idx in groups:
+        k = int(round(fraction * len(idx)))
+        if k < 1 or k >= len(idx):
+            raise ValueError(f"heldout_fraction={fraction}: leaves no training or no held-out point in a group "
+                             f"of {len(idx)}")
+        held.append(rng.choice(idx, size=k, replace=False))
+    held = np.sort(np.concatenate(held))
+    return np.setdiff1d(np.arange(len(data)), held), held
+
+
 def load_states_asset() -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Load the shipped STATES dataset (5000 x 2, labels 0 Ohio .. 4 Michigan)."""
     data, labels, names = load_points_file(STATES_ASSET)
