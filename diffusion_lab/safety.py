@@ -60,8 +60,14 @@ def allow_user_targets(targets: Iterable[str] | None) -> None:
     _user_targets.update(str(t) for t in targets or ())
 
 
+# Targets that earlier versions of conf/ named: checkpoints written by them must keep loading.
+LEGACY_TARGETS = frozenset({
+    "lightning.pytorch.callbacks.ModelCheckpoint",  # callbacks.checkpoint before diffusion_lab.callbacks.Checkpoint
+})
+
+
 def allowed_targets() -> frozenset[str]:
-    return conf_targets() | frozenset(_user_targets)
+    return conf_targets() | LEGACY_TARGETS | frozenset(_user_targets)
 
 
 def check_stored_config(config, source: str) -> None:
