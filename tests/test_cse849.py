@@ -160,7 +160,8 @@ def test_diffusion_val_loss_is_logged_and_equals_a_recomputation(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ deliverables
-@pytest.mark.parametrize("course_data", [True, False], ids=["course_order", "suite_order"])
+@pytest.mark.parametrize("course_data", [pytest.param(True, marks=pytest.mark.slow), False],
+                         ids=["course_order", "suite_order"])  # one order in the default suite, both in test-slow
 def test_cse849_deliverables_under_course_names(course_like_root, tmp_path, course_data):
     """states -> states_classifier -> states_guided -> export; cond_gen_samples_k holds course state k whatever
     the data's own label order (read back against samples.pt)."""

@@ -84,6 +84,7 @@ def test_tensorboard_has_the_documented_scalars_and_images(tmp_path):
     assert {"samples/monitor", "samples/final", "samples/trajectory"} <= images
 
 
+@pytest.mark.slow  # ~2 min on 2 cores: kept out of the default suite's 15-minute budget (make test-slow)
 def test_mnist_denoiser_debug_fast_writes_the_cs180_figures(tmp_path):
     run = tmp_path / "run"
     proc = run_cli(["experiment=mnist_denoiser", "debug=fast", *QUIET, *data_overrides("mnist", tmp_path),
@@ -95,6 +96,7 @@ def test_mnist_denoiser_debug_fast_writes_the_cs180_figures(tmp_path):
     assert set(mse) == {f"test_mse_sigma_{s}" for s in (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)}
 
 
+@pytest.mark.slow  # ~1 min of training: make test-slow
 def test_debug_overfit_drives_mnist_unet_loss_to_zero(tmp_path):
     run = tmp_path / "run"
     proc = run_cli(["experiment=mnist_ddpm", "debug=overfit", *QUIET, *data_overrides("mnist", tmp_path),
