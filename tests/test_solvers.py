@@ -8,6 +8,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from helpers import float64  # noqa: F401  (the fixture used below)
 from scipy import stats
 
 from diffusion_lab import objectives as O
@@ -15,14 +16,8 @@ from diffusion_lab import samplers as S
 from diffusion_lab import schedules as SC
 from diffusion_lab import weighting as W
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    """Closed-form comparisons: no fp32 noise (restored for other test modules)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+# Every test here compares against closed forms in float64 (the shared helpers.float64 fixture).
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 PATHS = {
