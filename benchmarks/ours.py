@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from diffusion_lab.build import build, build_trainer
-from diffusion_lab.data.images import FlipToFloat
+from diffusion_lab.data.images import RandomFlip
 from diffusion_lab.data.lowdim import InMemoryBatches
 from diffusion_lab.samplers import sample_ddim
 
@@ -72,7 +72,7 @@ class ResidentData(L.LightningDataModule):
     def __init__(self, u8: torch.Tensor, batch_size: int, hflip: bool):
         super().__init__()
         self.shape = tuple(u8.shape[1:])
-        self.loader = InMemoryBatches(u8, None, batch_size, 10**6, seed=0, transform=FlipToFloat(hflip))
+        self.loader = InMemoryBatches(u8, None, batch_size, 10**6, seed=0, transform=RandomFlip(hflip))  # uint8; the module's space maps to [-1, 1]
 
     def to_device(self, device) -> None:
         self.loader.to(device)

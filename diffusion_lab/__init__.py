@@ -39,3 +39,13 @@ def _new_dir(base: str) -> str:
 
 
 OmegaConf.register_new_resolver("dl_new_dir", _new_dir, replace=True)
+
+
+def _latent_shape(ckpt, index) -> int:
+    from diffusion_lab.spaces import latent_shape  # lazy, as above
+
+    return latent_shape(ckpt, index)
+
+
+# space=autoencoder: the latent channels and size come from the autoencoder checkpoint's stored config
+OmegaConf.register_new_resolver("dl_latent_shape", _latent_shape, replace=True)

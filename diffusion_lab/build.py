@@ -22,7 +22,7 @@ from diffusion_lab.errors import ConfigError
 from diffusion_lab.lit import DiffusionModule
 from diffusion_lab.safety import check_stored_config
 
-__all__ = ["ConfigError", "build", "load_checkpoint", "make", "module_state"]
+__all__ = ["ConfigError", "build", "load_checkpoint", "make", "make_space", "module_state"]
 
 
 
@@ -78,6 +78,10 @@ class Parts:
     datamodule: L.LightningDataModule
     module: DiffusionModule
 
+    @property
+    def space(self):
+        return self.module.space
+
 
 def resolved(cfg: DictConfig) -> dict:
     """Plain, fully resolved dict of the run config (stored in checkpoints and the run dir)."""
@@ -85,8 +89,9 @@ def resolved(cfg: DictConfig) -> dict:
 
 
 def build(cfg: DictConfig) -> Parts:
-    """Data, schedule, objective, net, sampler and optimizer -> a DiffusionModule and its DataModule."""
+    """Data, space, schedule, objective, net, sampler and optimizer -> a DiffusionModule and its DataModule."""
     datamodule = make(cfg, "data")
+    space = make_space(cfg)
     schedule = make(cfg, "schedule")
     objective = make(cfg, "objective", schedule=schedule)
     net = make(cfg, "model")
@@ -96,7 +101,7 @@ def build(cfg: DictConfig) -> Parts:
     try:
         module = DiffusionModule(
             net=net, objective=objective, optimizer=make(cfg, "optimizer"), sampler=sampler,
-            sample_shape=tuple(datamodule.shape), lr_scheduler=make(cfg, "lr_scheduler", optional=True),
+            space=space, lr_scheduler=make(cfg, "lr_scheduler", optional=True),
             config=resolved(cfg), guidance=guidance, sample_precision=sample_precision(cfg),
             **(cfg.get("train") or {}),
         )
@@ -104,6 +109,14 @@ def build(cfg: DictConfig) -> Parts:
         msg = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
         raise ConfigError(f"train.{msg}" if re.match(r"^\w+=", msg) else f"train: {msg}") from exc
     return Parts(datamodule=datamodule, module=module)
+
+
+def make_space(cfg: DictConfig):
+    """cfg.space (each dataset config names its natural one: pixels or points), frozen and built once."""
+    if OmegaConf.select(cfg, "space") is None:
+        raise ConfigError("space: missing; the data config names its space (pixels or points), or choose "
+                          "space=pixels|points|autoencoder|diffusers_vae")
+    return make(cfg, "space")
 
 
 def make_guidance(cfg: DictConfig, net, schedule):

@@ -9,7 +9,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 
-from diffusion_lab import imageio, plots
 
 
 def ema_multi_avg_fn(decay: float, warmup: bool):
@@ -93,7 +92,7 @@ class SampleMonitor(L.Callback):
     """Every N steps: sample from the same fixed noise and log it (grid for images, scatter for points).
 
     Uses the raw (not EMA) weights, so the picture shows what the optimizer is doing right now.
-    Image grids are also saved as <run_dir>/monitor/step_<step, 7 digits>.png.
+    Each picture is also saved as <run_dir>/monitor/step_<step, 7 digits>.png.
     """
 
     def __init__(self, every_n_steps: int = 1000, n: int = 2000, seed: int = 1234, at_epochs: list | None = None):
@@ -119,15 +118,10 @@ class SampleMonitor(L.Callback):
                                    cond=cond).float().cpu()
         dm = trainer.datamodule
         writer = getattr(trainer.logger, "experiment", None) if trainer.logger else None
-        if getattr(dm, "kind", "points") == "images":
-            grid, ncols = imageio.class_grid(samples, per_class) if classes else (samples, None)
-            imageio.save_grid(grid, Path(trainer.default_root_dir) / "monitor" / f"{name}.png", nrow=ncols)
-            if hasattr(writer, "add_image"):
-                writer.add_image("samples/monitor", imageio.grid_image(grid, ncols), step)
-            return
-        fig = plots.render_samples(samples, dm, labels=cond, title=f"{name} (raw weights)")
+        image = dm.domain.picture(dm, samples, labels=cond, per_class=per_class, title=f"{name} (raw weights)",
+                                  path=Path(trainer.default_root_dir) / "monitor" / f"{name}.png")
         if hasattr(writer, "add_image"):
-            writer.add_image("samples/monitor", plots.figure_to_image(fig), step, dataformats="HWC")
+            writer.add_image("samples/monitor", image, step, dataformats="HWC")
 
 
 class Throughput(L.Callback):
@@ -194,14 +188,4 @@ class MetricMonitor(L.Callback):
             writer.flush()
 
     def score(self, samples: torch.Tensor, datamodule, device) -> dict:
-        from diffusion_lab.metrics import point_metrics
-
-        if getattr(datamodule, "kind", "points") != "images":
-            return point_metrics(samples, datamodule.reference(), getattr(datamodule, "heldout", None))
-        from diffusion_lab.fidelity import InceptionFeatures, ReferenceCache, fidelity_metrics, reference_features
-
-        if self._extractor is None:
-            self._extractor = InceptionFeatures(self.weights, device)
-        ref = reference_features(self._extractor, ReferenceCache(self.cache_dir), datamodule, self.reference_split,
-                                 len(samples))[0]
-        return fidelity_metrics(self._extractor(imageio.to_uint8(samples)), ref, self.metrics)[0]
+        return datamodule.domain.score(datamodule, samples, self, device)

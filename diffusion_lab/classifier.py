@@ -18,19 +18,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from diffusion_lab import plots
-from diffusion_lab.build import ConfigError, build_trainer, load_checkpoint, make, module_state, resolved
+from diffusion_lab.build import ConfigError, build_trainer, load_checkpoint, make, make_space, module_state, resolved
 from diffusion_lab.callbacks import SampleMonitor
-from diffusion_lab.data.images import from_uint8
 from diffusion_lab.optim import optimizer_config
 from diffusion_lab.report import training_facts, write_report
 from diffusion_lab.schedules import NoisePath, broadcast_to
+from diffusion_lab.spaces import LatentSpace, Space
 
 TASK_TARGET = "diffusion_lab.classifier.train_classifier"
-
-
-def _model_space(x: Tensor) -> Tensor:
-    """Images arrive as uint8 from `datamodule.labelled`; the classifier sees the denoiser's [-1, 1]."""
-    return from_uint8(x) if x.dtype == torch.uint8 else x
 
 
 def noised(schedule: NoisePath, x0: Tensor, t: Tensor | None, generator: torch.Generator | None = None):
@@ -46,10 +41,11 @@ class ClassifierModule(L.LightningModule):
     """Cross-entropy training of `net(xt, t)`; validation (the datamodule's val_dataloader: Lightning takes every
     loader from the datamodule that `fit` gets) at fixed noise draws."""
 
-    def __init__(self, net: nn.Module, schedule: NoisePath, optimizer: Callable, lr_scheduler: Callable | None = None,
-                 noisy: bool = True, config: dict | None = None):
+    def __init__(self, net: nn.Module, schedule: NoisePath, optimizer: Callable, space: Space,
+                 lr_scheduler: Callable | None = None, noisy: bool = True, config: dict | None = None):
         super().__init__()
         self.net, self.schedule, self.noisy = net, schedule, noisy
+        self.space = space  # the denoiser's model space: the classifier sees what the sampler sees
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.config = config
 
@@ -61,7 +57,7 @@ class ClassifierModule(L.LightningModule):
     def _loss(self, x0: Tensor, y: Tensor | None, generator=None) -> tuple[Tensor, Tensor]:
         if y is None:
             raise ConfigError("data.num_classes=0: the classifier needs labels (set data.num_classes)")
-        x0 = _model_space(x0)
+        x0 = self.space.encode(x0)
         if self.noisy:
             x, t = noised(self.schedule, x0, None, generator)
         else:
@@ -90,14 +86,15 @@ class ClassifierModule(L.LightningModule):
 
 
 @torch.no_grad()
-def accuracy(net: nn.Module, x: Tensor, y: Tensor, schedule: NoisePath | None = None, t: float = 0.0,
+def accuracy(net: nn.Module, x: Tensor, y: Tensor, space: Space, schedule: NoisePath | None = None, t: float = 0.0,
              batch_size: int = 2048, seed: int = 0) -> float:
-    """Top-1 accuracy of `net` on (x, y), noised to level t with seeded noise when t > 0."""
+    """Top-1 accuracy of `net` on raw items (x, y) encoded by `space`, noised to level t with seeded noise when
+    t > 0."""
     device = next(net.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     correct = 0
     for i in range(0, len(x), batch_size):
-        x0 = _model_space(x[i: i + batch_size].to(device))
+        x0 = space.encode(x[i: i + batch_size].to(device))
         tt = torch.full((len(x0),), float(t), device=device)
         xt = noised(schedule, x0, tt, generator)[0] if t > 0 else x0
         correct += int((net(xt, tt).argmax(1).cpu() == y[i: i + batch_size]).sum())
@@ -140,7 +137,11 @@ def train_classifier(cfg: DictConfig, run_dir: Path, noisy: bool = True,
                           "accuracy; set data.heldout_path=<points file> or data.heldout_fraction=<0..1> (a "
                           "seeded per-class split)")
     schedule = make(cfg, "schedule")
-    module = ClassifierModule(make(cfg, "classifier"), schedule, make(cfg, "optimizer"),
+    space = make_space(cfg)
+    if isinstance(space, LatentSpace):  # its latent scaling would have to be the guided diffusion model's
+        raise ConfigError("space: task=train_classifier works on pixels or points; classifier guidance in a latent "
+                          "space is not supported (use guidance=cfg for latent diffusion)")
+    module = ClassifierModule(make(cfg, "classifier"), schedule, make(cfg, "optimizer"), space,
                               make(cfg, "lr_scheduler", optional=True), noisy=noisy, config=resolved(cfg))
     _save_resolved_config(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, exclude=(SampleMonitor,))
@@ -154,14 +155,14 @@ def train_classifier(cfg: DictConfig, run_dir: Path, noisy: bool = True,
     net = module.net.eval()
     x, y = datamodule.labelled(val_split)
     levels = list(eval_t) if noisy else [0.0]
-    metrics = {"accuracy": accuracy(net, x, y)}
+    metrics = {"accuracy": accuracy(net, x, y, space)}
     if noisy:
-        metrics |= {f"accuracy_t{t:g}": accuracy(net, x, y, schedule, t) for t in levels if t > 0}
+        metrics |= {f"accuracy_t{t:g}": accuracy(net, x, y, space, schedule, t) for t in levels if t > 0}
     tx, ty = datamodule.labelled("train")
     pick = torch.randperm(len(tx), generator=torch.Generator().manual_seed(0))[:10_000]  # enough for 1% steps
-    metrics["train_accuracy"] = accuracy(net, tx[pick], ty[pick])
+    metrics["train_accuracy"] = accuracy(net, tx[pick], ty[pick], space)
     names = list(getattr(datamodule, "class_names", []) or range(datamodule.num_classes))
-    if getattr(datamodule, "kind", "points") == "points" and datamodule.dim == 2:
+    if tuple(datamodule.shape) == (2,):  # 2D points: the map of argmax p(y | x, t) over the plane
         device = next(net.parameters()).device
 
         @torch.no_grad()

@@ -15,10 +15,9 @@ from diffusion_lab.report import training_facts, write_report
 SIGMAS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)
 
 
-def _test_images(datamodule, n: int) -> torch.Tensor:
-    from diffusion_lab.data.images import from_uint8
-
-    return from_uint8(datamodule.real_uint8("test", n=n).float())
+def _test_images(module, datamodule, n: int) -> torch.Tensor:
+    """n seeded test images in the module's (pixel) space."""
+    return module.space.encode(datamodule.real_uint8("test", n=n)).cpu()
 
 
 @torch.no_grad()
@@ -40,7 +39,7 @@ class DenoiserFigures(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch + 1
         if epoch in self.at_epochs and trainer.is_global_zero:
-            x0 = _test_images(trainer.datamodule, self.n)
+            x0 = _test_images(pl_module, trainer.datamodule, self.n)
             rows = denoise_rows(pl_module, x0, pl_module.objective.sigma)
             imageio.save_grid(rows, Path(trainer.default_root_dir) / f"denoised_epoch_{epoch:03d}.png", nrow=self.n)
             pl_module.net.train()
@@ -53,7 +52,7 @@ def train_denoiser(cfg: DictConfig, run_dir: Path) -> dict:
     t0 = time.perf_counter()
     parts, trainer, train_seconds = fit(cfg, run_dir)
     module, dm = parts.module, parts.datamodule
-    x0 = _test_images(dm, 8)
+    x0 = _test_images(module, dm, 8)
     g = torch.Generator().manual_seed(0)
     eps = torch.randn(x0.shape, generator=g)
     imageio.save_grid(torch.cat([x0 + s * eps for s in SIGMAS]), run_dir / "noising_process.png", nrow=8)
@@ -61,7 +60,7 @@ def train_denoiser(cfg: DictConfig, run_dir: Path) -> dict:
     sweep = [denoise_rows(module, one, s, seed=1) for s in SIGMAS]
     imageio.save_grid(torch.cat([r[1:2] for r in sweep] + [r[2:3] for r in sweep]), run_dir / "ood_sigma_sweep.png",
                       nrow=len(SIGMAS))
-    test = _test_images(dm, 1000)
+    test = _test_images(module, dm, 1000)
     mse = {f"test_mse_sigma_{s}": float(((denoise_rows(module, test, s, seed=2)[2000:] - test) ** 2).mean())
            for s in SIGMAS}
     results = {"metrics": mse, "protocol": {"task": "train_denoiser", "objective": module.objective.describe(),

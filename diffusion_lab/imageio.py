@@ -11,7 +11,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from diffusion_lab.data.images import to_uint8  # the data module owns the [-1, 1] <-> uint8 mapping
+from diffusion_lab.spaces import to_uint8  # the pixel space owns the [-1, 1] <-> uint8 mapping
 
 
 def grid_image(x: Tensor, nrow: int | None = None) -> Tensor:

@@ -1,4 +1,4 @@
-"""Thin LightningModule: objective + net + optimizer + sampler. The maths lives elsewhere."""
+"""Thin LightningModule: space + objective + net + optimizer + sampler. The maths lives elsewhere."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from diffusion_lab.errors import RunError
 from diffusion_lab.objectives import Objective
 from diffusion_lab.optim import optimizer_config
 from diffusion_lab.samplers import make_denoiser
+from diffusion_lab.spaces import Space
 
 log = logging.getLogger("diffusion_lab")
 
@@ -42,7 +43,7 @@ class DiffusionModule(L.LightningModule):
     """
 
     def __init__(self, net: nn.Module, objective: Objective, optimizer: Callable, sampler: Callable,
-                 sample_shape: tuple[int, ...], lr_scheduler: Callable | None = None,
+                 space: Space, lr_scheduler: Callable | None = None,
                  config: dict | None = None, channels_last: bool = False, compile: bool = False,
                  nonfinite: str = "raise", overfit: bool = False, guidance=None,
                  sample_precision: str | None = None, compile_mode: str | None = None,
@@ -63,7 +64,10 @@ class DiffusionModule(L.LightningModule):
         self._skips = self._consecutive = 0  # host counters of the per-step check
         self.net, self.objective, self.sampler = net, objective, sampler
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
-        self.sample_shape = tuple(sample_shape)
+        # The space maps batches to model space and samples back to data. It is not a submodule: a frozen
+        # autoencoder inside it stays out of the state_dict, the optimizer and the EMA copy.
+        self.space = space
+        self.sample_shape = tuple(space.shape)
         self.config = config  # resolved run config, stored in every checkpoint (reload = build + load)
         self.channels_last = channels_last and len(self.sample_shape) == 3
         self.nonfinite, self.overfit = nonfinite, overfit
@@ -86,6 +90,7 @@ class DiffusionModule(L.LightningModule):
         to_device = getattr(self.trainer.datamodule, "to_device", None)
         if to_device is not None:
             to_device(self.device)
+        self.space.to(self.device)
 
     def _train_net(self):
         """The net for training forwards: torch.compile'd lazily, kept out of the module tree so the
@@ -99,10 +104,14 @@ class DiffusionModule(L.LightningModule):
     def _prepare(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def encode(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
+        """A batch of raw items (or cached posteriors) -> model space x0, in the net's memory format."""
+        return self._prepare(self.space.encode_batch(batch, generator))
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         generator = torch.Generator(self.device).manual_seed(0) if self.overfit else None
-        per_sample, t = self.objective.loss(self._train_net(), self._prepare(batch["x"]), batch.get("cond"),
-                                            generator=generator)
+        x0 = self.encode(batch, generator)  # latent spaces: a fresh posterior draw per step (global RNG)
+        per_sample, t = self.objective.loss(self._train_net(), x0, batch.get("cond"), generator=generator)
         loss = per_sample.mean()
         if self._deferred:
             self._flag_nonfinite(~torch.isfinite(loss.detach()))
@@ -130,9 +139,9 @@ class DiffusionModule(L.LightningModule):
         """The training loss on held-out data (the datamodule's val_dataloader) with the same t and noise at
         every validation (seeded per batch), so the curve moves only when the model does."""
         generator = torch.Generator(self.device).manual_seed(batch_idx)
-        per_sample, _ = self.objective.loss(self.net, self._prepare(batch["x"]), batch.get("cond"),
-                                            generator=generator)
-        self.log("val/loss", per_sample.mean(), batch_size=len(batch["x"]))
+        x0 = self.encode(batch, generator)
+        per_sample, _ = self.objective.loss(self.net, x0, batch.get("cond"), generator=generator)
+        self.log("val/loss", per_sample.mean(), batch_size=len(x0))
 
     def _fused_without_scaler(self, optimizer) -> bool:
         """A fused optimizer (it unscales internally) and no fp16 GradScaler: its grads are the true grads
@@ -242,10 +251,12 @@ class DiffusionModule(L.LightningModule):
     def sample(self, n: int, generator: torch.Generator | None = None, cond: Tensor | None = None,
                sampler: Callable | None = None, callback=None, batch_size: int | None = None,
                guidance=None) -> Tensor:
-        """Draw n samples (noise from `generator`, on the module's device) in batches.
+        """Draw n samples (noise from `generator`, on the module's device) in batches, decoded to data by the
+        space (once, here: [-1, 1] pixels for every latent or pixel space, or points).
 
         cond: labels (n,), -1 for unconditional rows; guidance: a diffusion_lab.guidance object
-        (default: the module's own, from the config), applied only where labels are given.
+        (default: the module's own, from the config), applied only where labels are given. `callback` sees
+        model-space states (domains.Frames decodes the few it keeps).
         """
         sampler = sampler or self.sampler
         guidance = guidance if guidance is not None else self.guidance
@@ -253,6 +264,7 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"cond has {len(cond)} labels for n={n} samples")
         if guidance is not None:
             guidance.to(self.device)
+        self.space.to(self.device)
         was_training = self.net.training
         self.net.eval()
         noise = torch.randn((n, *self.sample_shape), generator=generator,
@@ -269,7 +281,7 @@ class DiffusionModule(L.LightningModule):
                 out.append(sampler(denoise, self.objective.schedule, self._prepare(noise[sl]), generator=generator,
                                    callback=callback).float())
         self.net.train(was_training)
-        return torch.cat(out).contiguous()
+        return self.space.decode(torch.cat(out).contiguous()).contiguous()  # fp32, outside autocast
 
     @property
     def is_rank_zero(self) -> bool:
@@ -295,11 +307,14 @@ class DiffusionModule(L.LightningModule):
         if self.nonfinite == "raise" and self._trainer is not None and self.trainer.training:
             self._check_nonfinite()  # deferred check: a checkpoint is never written after a bad step
         checkpoint["config"] = self.config
+        checkpoint["space"] = self.space.state()  # latent scaling + autoencoder sha256: decode like this run
         # Global RNG (t and eps draws, dropout) so a resumed run continues the same random stream.
         checkpoint["rng"] = {"torch": torch.get_rng_state(),
                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint.get("space"):
+            self.space.load_state(checkpoint["space"])
         rng = checkpoint.get("rng")
         if rng is not None:
             torch.set_rng_state(rng["torch"])

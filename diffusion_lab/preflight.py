@@ -11,7 +11,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.guidance import ClassifierGuidance, requested_labels
+from diffusion_lab.latents import load_or_build
 from diffusion_lab.optim import optimizer_config
+from diffusion_lab.spaces import LatentSpace
 
 
 def check_weights(stored: dict, expected: dict, source: str) -> None:
@@ -61,7 +63,7 @@ def check_fit(cfg: DictConfig, parts) -> None:
     (channels, size, dimension, classes) fails here in one line instead of at step 0. The global RNG is
     forked, so the run's random stream (and every earlier number) is unchanged."""
     module, dm = parts.module, parts.datamodule
-    x = torch.zeros(2, *dm.shape)
+    x = torch.zeros(2, *module.space.shape)  # model space: pixels, points or latents
     cond = torch.zeros(2, dtype=torch.long) if getattr(module, "num_classes", 0) else None
     try:  # the optimizer and its LR schedule are built lazily by Lightning: build them once here
         optimizer_config(list(module.parameters()), module.optimizer_factory, module.lr_scheduler_factory)
@@ -76,8 +78,48 @@ def check_fit(cfg: DictConfig, parts) -> None:
     except Exception as exc:
         msg = next(iter(str(exc).strip().splitlines()), type(exc).__name__)[:200]
         model = str(OmegaConf.select(cfg, "model._target_", default="?"))
-        raise ConfigError(f"model={model.rsplit('.', 1)[-1]}: does not fit data {getattr(dm, 'name', '')} of "
-                          f"shape {tuple(dm.shape)} ({type(exc).__name__}: {msg})") from exc
+        raise ConfigError(f"model={model.rsplit('.', 1)[-1]}: does not fit data {getattr(dm, 'name', '')} in model "
+                          f"space of shape {tuple(module.space.shape)} ({type(exc).__name__}: {msg})") from exc
+
+
+def check_space(cfg: DictConfig, parts) -> None:
+    """The space encodes items of the data's shape (an autoencoder trained at 32x32 cannot encode 28x28 MNIST),
+    and a latent cache needs a latent space; one line, before any data are encoded."""
+    space, dm = parts.module.space, parts.datamodule
+    if tuple(space.data_shape) != tuple(dm.shape):
+        raise ConfigError(f"space={OmegaConf.select(cfg, 'space._target_', default='?').rsplit('.', 1)[-1]}: "
+                          f"encodes items of shape {tuple(space.data_shape)}, but data {dm.name} gives "
+                          f"{tuple(dm.shape)}")
+    if dm.cache_latents and not isinstance(space, LatentSpace):
+        raise ConfigError("data.cache_latents=true: only a latent space has latents to cache "
+                          "(space=autoencoder or space=diffusers_vae)")
+
+
+def prepare_space(cfg: DictConfig, parts, resume: str | None) -> None:
+    """Latent spaces: the latent cache (data.cache_latents) and the latent scaling, before the dry loss.
+
+    A resumed run takes the scaling of its checkpoint (and refuses another autoencoder); a new run measures it
+    on the training set: from the cache while it is built, else on space.stats_images training images."""
+    space, dm = parts.module.space, parts.datamodule
+    if not isinstance(space, LatentSpace):
+        return
+    if torch.cuda.is_available():  # encoding is the cost here: do it on the accelerator when there is one
+        space.to("cuda")
+    if dm.cache_latents:
+        cache, protocol = load_or_build(dm, space, dm.latent_cache_dir, seed=int(cfg.seed))
+        dm.attach_latents(cache)
+        if space.scaling == "measured":
+            info = protocol["latent_cache"]
+            space.set_scaling(cache["shift"], cache["scale"],
+                              f"latent cache {info['key']} ({info['n']} images x {info['flips']} flips, one "
+                              "posterior draw each)")
+        space.stats["latent_cache"] = protocol["latent_cache"]
+    if resume:
+        state = torch.load(resume, map_location="cpu", weights_only=True).get("space") or {}
+        space.load_state(state, key=f"ckpt_path={resume}")
+    elif space.needs_preparation():
+        space.measure(dm.real_uint8("train", n=space.stats_images), seed=int(cfg.seed))
+    space.to("cpu")
 
 
 def check_classes(cfg: DictConfig, datamodule, module) -> None:

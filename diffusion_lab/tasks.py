@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab import imageio, plots
+from diffusion_lab import plots
 from diffusion_lab.build import (
     ConfigError,
     build,
@@ -27,17 +27,18 @@ from diffusion_lab.build import (
     sample_precision,
 )
 from diffusion_lab.callbacks import EMA
-from diffusion_lab.evaluation import (
-    check_eval_inputs,
-    evaluate_images,
-    evaluate_samples,
-    image_fidelity,
-    judge_metrics,
-    metric_protocol,
-)
+from diffusion_lab.evaluation import check_eval_inputs, judge_metrics
 from diffusion_lab.guidance import ClassifierGuidance, requested_labels
 from diffusion_lab.guidance import describe as guidance_describe
-from diffusion_lab.preflight import check_classes, check_fit, check_weights, clean_orphans, setup_data
+from diffusion_lab.preflight import (
+    check_classes,
+    check_fit,
+    check_space,
+    check_weights,
+    clean_orphans,
+    prepare_space,
+    setup_data,
+)
 from diffusion_lab.report import read_scalars, training_facts, write_report
 from diffusion_lab.samplers import nfe
 
@@ -66,22 +67,6 @@ def _sampler_protocol(sampler, module) -> dict:
             "objective": module.objective.describe(), "schedule": module.objective.schedule.describe()}
 
 
-class _Frames:
-    """Sampler callback keeping ~n_frames snapshots of `keep` samples spread over the first batch
-    (trajectory strip, GIF); later batches are ignored."""
-
-    def __init__(self, steps: int, keep: int = 16, n_frames: int = 20, batch: int | None = None):
-        self.every, self.frames, self.done = max(1, steps // n_frames), [], False
-        self.pick = torch.arange(0, batch, max(1, batch // keep))[:keep] if batch else slice(0, keep)
-
-    def __call__(self, i: int, t: float, x: torch.Tensor) -> None:
-        if self.done:
-            return
-        if len(self.frames) == 0 or i % self.every == 0 or t == 0:
-            self.frames.append(x[self.pick].float().cpu())
-        self.done = t == 0
-
-
 def generate_and_evaluate(module, datamodule, cfg: DictConfig, run_dir: Path, protocol: dict,
                           sampler=None, wall_start: float | None = None, guidance=None) -> dict:
     """Draw cfg.eval.n_samples (per requested class) with a seeded generator, save them, compute metrics
@@ -89,7 +74,6 @@ def generate_and_evaluate(module, datamodule, cfg: DictConfig, run_dir: Path, pr
     ev = cfg.eval
     sampler = sampler or module.sampler
     guidance = guidance if guidance is not None else module.guidance
-    images = getattr(datamodule, "kind", "points") == "images"
     names = list(getattr(datamodule, "class_names", None) or [])
     n = int(ev.n_samples)
     try:
@@ -102,8 +86,8 @@ def generate_and_evaluate(module, datamodule, cfg: DictConfig, run_dir: Path, pr
     check_eval_inputs(ev)  # before sampling: a typo must not cost a whole generation
     n_total = n if labels is None else len(labels)
     batch = ev.get("batch_size") or n_total
-    frames = _Frames(dict(getattr(sampler, "keywords", {})).get("steps", 1), batch=min(batch, n_total)) \
-        if images else None
+    frames = datamodule.domain.frames(dict(getattr(sampler, "keywords", {})).get("steps", 1), min(batch, n_total),
+                                      module.space.decode)
     t0 = time.perf_counter()
     # Under DDP every rank draws its share and the samples are gathered once; rank 0 scores and writes.
     samples = module.sample_sharded(n_total, int(ev.seed), cond=labels, sampler=sampler, batch_size=batch,
@@ -114,18 +98,15 @@ def generate_and_evaluate(module, datamodule, cfg: DictConfig, run_dir: Path, pr
     torch.save({"samples": samples, "labels": labels}, run_dir / "samples.pt")
     np.savez(run_dir / "samples.npz", samples=samples.numpy(),
              **({} if labels is None else {"labels": labels.numpy()}))
-    extra_protocol: dict = {}
-    if images:
-        metrics = evaluate_images(samples, run_dir, frames.frames if frames else None, labels, n)
-        fid_metrics, extra_protocol = image_fidelity(imageio.to_uint8(samples), datamodule, cfg, module.device)
-        metrics |= fid_metrics
-    else:
-        metrics = evaluate_samples(samples, datamodule, run_dir, title=protocol.get("title", ""), labels=labels)
+    metrics, extra_protocol = datamodule.domain.evaluate(
+        datamodule, samples, run_dir, cfg, module.device, labels=labels, per_class=n,
+        frames=frames.frames if frames else None, title=protocol.get("title", ""))
     if ev.get("judge"):
         judged, judge_protocol = judge_metrics(samples, labels, ev.judge, names, datamodule)
         metrics |= judged
         extra_protocol |= judge_protocol
-    protocol = {**protocol, **_sampler_protocol(sampler, module), **guidance_describe(guidance), **extra_protocol,
+    protocol = {**protocol, "space": module.space.describe(), **_sampler_protocol(sampler, module),
+                **guidance_describe(guidance), **extra_protocol,
                 "classes": groups or None, "n_samples": n_total,
                 **({"n_per_class": n} if labels is not None else {}),
                 "sample_seed": int(ev.seed), "sample_precision": module.sample_precision or "fp32",
@@ -166,9 +147,11 @@ def fit(cfg: DictConfig, run_dir: Path):
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     parts = build(cfg)
     setup_data(cfg, parts.datamodule)
+    check_space(cfg, parts)
+    resume = _resume_path(cfg, run_dir, parts.module)
+    prepare_space(cfg, parts, resume)
     check_fit(cfg, parts)
     check_classes(cfg, parts.datamodule, parts.module)
-    resume = _resume_path(cfg, run_dir, parts.module)
     _save_resolved_config(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir)
     if trainer.is_global_zero:
@@ -196,7 +179,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     protocol = {"task": "train", "checkpoint": str(last), "step": trainer.global_step, "ema": uses_ema,
                 "world_size": trainer.world_size,
                 "seed": int(cfg.seed), "train_seconds": round(train_seconds, 2), "title": cfg.get("name", ""),
-                **metric_protocol(parts.datamodule)}
+                **parts.datamodule.domain.protocol(parts.datamodule)}
     results = generate_and_evaluate(parts.module, parts.datamodule, cfg, run_dir, protocol, wall_start=t0)
     if not trainer.is_global_zero:  # DDP: the other ranks drew their share of the samples; rank 0 writes
         return results
@@ -256,6 +239,7 @@ def _restore(cfg: DictConfig) -> tuple:
     state, used_ema = module_state(ckpt, bool(cfg.eval.use_ema))
     check_weights(state, parts.module.state_dict(), f"ckpt={cfg.ckpt}")
     parts.module.load_state_dict(state)
+    parts.module.space.load_state(ckpt.get("space") or {}, key=f"ckpt={cfg.ckpt}")  # scaling; autoencoder sha256
     return parts, saved, ckpt, used_ema
 
 
@@ -288,7 +272,7 @@ def sample(cfg: DictConfig, run_dir: Path, task_name: str = "sample") -> dict:
         module.sample_precision = sample_precision(cfg)
     protocol = {"task": task_name, "checkpoint": str(cfg.ckpt), "step": ckpt.get("global_step"), "ema": used_ema,
                 "seed": int(cfg.seed), "title": cfg.get("name") or saved.get("name", ""),
-                **metric_protocol(parts.datamodule)}
+                **parts.datamodule.domain.protocol(parts.datamodule)}
     setup_data(saved, parts.datamodule)
     return generate_and_evaluate(module, parts.datamodule, cfg, run_dir, protocol, sampler=sampler, wall_start=t0)
 
@@ -322,9 +306,12 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     datamodule = make(cfg, "data")
     datamodule.setup()
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate_samples(samples.float(), datamodule, run_dir, title=path.name, labels=labels)
+    per_class = None if labels is None else int((labels == labels[0]).sum())
+    metrics, extra = datamodule.domain.evaluate(datamodule, samples.float(), run_dir, cfg, eval_device(cfg),
+                                                labels=labels, per_class=per_class, title=path.name)
     results = {"metrics": metrics, "protocol": {"task": "evaluate", "samples": str(path), "n_samples": len(samples),
-                                                "labelled": labels is not None, **metric_protocol(datamodule)}}
+                                                "labelled": labels is not None,
+                                                **datamodule.domain.protocol(datamodule), **extra}}
     write_json(run_dir / "results.json", results)
     return results
 
@@ -335,21 +322,8 @@ def explore(cfg: DictConfig, run_dir: Path) -> dict:
     datamodule.setup()
     run_dir.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(int(cfg.seed))
-    stats = {**datamodule.describe()}
-    if getattr(datamodule, "kind", "points") == "images":
-        real = datamodule.real_uint8("train", n=int(cfg.get("explore_n", 64)))
-        imageio.save_grid(real, run_dir / "data_grid.png")
-        f = real.float()
-        stats |= {"pixel_mean_per_channel": f.mean((0, 2, 3)).tolist(),
-                  "pixel_std_per_channel": f.std((0, 2, 3)).tolist(), "grid_images": len(real)}
-        image = imageio.grid_image(real)
-    else:
-        data = datamodule.reference()
-        pick = data[torch.randperm(len(data), generator=g)[:2000]]
-        fig = plots.render_samples(pick, datamodule, title=f"{datamodule.name}: 2000 training points")
-        plots.save_figure(fig, run_dir / "data_grid.png")
-        stats |= {"mean": data.mean(0).tolist(), "std": data.std(0).tolist()}
-        image = torch.from_numpy(plots.figure_to_image(fig)).permute(2, 0, 1)
+    domain_stats, image = datamodule.domain.explore(datamodule, run_dir, int(cfg.get("explore_n", 64)), g)
+    stats = {**datamodule.describe(), **domain_stats}
     labels = getattr(datamodule, "labels", None)
     if labels is not None:
         stats["class_counts"] = torch.bincount(labels.flatten().long()).tolist()

@@ -22,7 +22,8 @@ from diffusion_lab.data import (
     to_uint8,
 )
 from diffusion_lab.data import celeba as celeba_mod
-from diffusion_lab.data.images import FlipToFloat
+from diffusion_lab.data.images import RandomFlip
+from diffusion_lab.spaces import PixelSpace
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data"
 ATTRS = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
@@ -120,7 +121,9 @@ def test_uint8_round_trip_and_range():
     u = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
     x = from_uint8(u)
     assert x.min() == -1 and x.max() == 1
-    assert torch.equal(to_uint8(x), u) and torch.equal(CIFAR10DataModule.to_uint8(CIFAR10DataModule.from_uint8(u)), u)
+    space = PixelSpace(1, 16)  # the pixel space's encode -> decode round trip is exact on uint8
+    assert torch.equal(to_uint8(x), u) and torch.equal(to_uint8(space.decode(space.encode(u))), u)
+    assert torch.equal(space.encode(u), x) and space.shape == space.data_shape == (1, 16, 16)
     assert torch.equal(to_uint8(torch.tensor([-3.0, 3.0])), torch.tensor([0, 255], dtype=torch.uint8))
 
 
@@ -132,8 +135,7 @@ def test_cifar_pickle_layout(tmp_path):
     assert torch.equal(dm.data.reshape(30, -1), torch.from_numpy(raw))  # planes R, G, B, row-major
     assert dm.class_names[:2] == ["class0", "class1"] and dm.shape == (3, 32, 32)
     batch = next(iter(dm.train_dataloader()))
-    assert batch["x"].shape == (8, 3, 32, 32) and batch["x"].dtype == torch.float32
-    assert batch["x"].min() >= -1 and batch["x"].max() <= 1
+    assert batch["x"].shape == (8, 3, 32, 32) and batch["x"].dtype == torch.uint8  # the space maps to [-1, 1]
     assert batch["cond"].dtype == torch.long and 0 <= int(batch["cond"].min()) and int(batch["cond"].max()) <= 9
     assert len(dm.train_dataloader()) == 4  # ceil(30 / 8): one pass
     assert dm.real_uint8("test").shape == (4, 3, 32, 32)
@@ -149,7 +151,7 @@ def test_hflip_flips_some_samples_only_horizontally(tmp_path):
     dm = CIFAR10DataModule(root=str(tmp_path), download=False, batch_size=30, hflip=True)
     dm.setup()
     x = next(iter(dm.train_dataloader()))["x"]
-    orig, flipped = from_uint8(dm.data), from_uint8(dm.data).flip(-1)
+    orig, flipped = dm.data, dm.data.flip(-1)
     kinds = []
     for xi in x:
         is_orig = (orig == xi).flatten(1).all(1)
@@ -159,7 +161,7 @@ def test_hflip_flips_some_samples_only_horizontally(tmp_path):
     assert 0 < sum(kinds) < len(kinds)
     off = CIFAR10DataModule(root=str(tmp_path), download=False, batch_size=30, hflip=False)
     off.setup()
-    assert all((from_uint8(off.data) == xi).flatten(1).all(1).any() for xi in next(iter(off.train_dataloader()))["x"])
+    assert all((off.data == xi).flatten(1).all(1).any() for xi in next(iter(off.train_dataloader()))["x"])
 
 
 def test_same_seed_same_batches_and_resume(tmp_path):
@@ -182,9 +184,9 @@ def test_same_seed_same_batches_and_resume(tmp_path):
 
 def test_flip_transform_is_seeded():
     u = torch.randint(0, 256, (16, 3, 4, 4), dtype=torch.uint8)
-    t = FlipToFloat(hflip=True)
+    t = RandomFlip(hflip=True)
     assert torch.equal(t({"x": u, "cond": None}, 5)["x"], t({"x": u, "cond": None}, 5)["x"])
-    assert torch.equal(FlipToFloat(False)({"x": u, "cond": None}, 5)["x"], from_uint8(u))
+    assert torch.equal(RandomFlip(False)({"x": u, "cond": None}, 5)["x"], u)
 
 
 def test_mnist_idx_fixture_and_padding(tmp_path):
@@ -214,7 +216,7 @@ def test_mnist_real_files():
     assert sorted(dm.labels.unique().tolist()) == list(range(10))
     assert dm.real_uint8("test").shape == (10000, 1, 28, 28)
     batch = next(iter(dm.train_dataloader()))
-    assert batch["x"].shape == (256, 1, 28, 28) and -1 <= batch["x"].min() < batch["x"].max() <= 1
+    assert batch["x"].shape == (256, 1, 28, 28) and batch["x"].dtype == torch.uint8 and batch["x"].max() > 0
     assert len(dm.train_dataloader()) == 235
 
 
@@ -267,12 +269,14 @@ def test_image_folder_stream_and_preload(tmp_path):
     batches = list(dm.train_dataloader())
     assert len(batches) == 2 and dm.class_names == ["cat", "dog"]
     x = torch.cat([b["x"] for b in batches])
-    assert x.shape == (6, 3, 16, 16) and -1 <= x.min() and x.max() <= 1
+    assert x.shape == (6, 3, 16, 16) and x.dtype == torch.uint8  # raw items: the space maps them
     assert set(torch.cat([b["cond"] for b in batches]).tolist()) <= {0, 1}
     pre = ImageFolderDataModule(root=str(tmp_path / "tree"), image_size=16, num_classes=2, batch_size=3,
                                 preload=True, hflip=False, num_workers=0)
     pre.setup()
     assert pre.data.shape == (7, 3, 16, 16) and pre.labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    views = torch.cat([pre.data, pre.data.flip(-1)])  # each streamed item is a decoded file, as is or mirrored
+    assert all((views == xi).flatten(1).all(1).any() for xi in x)
     assert torch.equal(dm.real_uint8(), pre.real_uint8()) and len(dm.real_uint8(n=4)) == 4
     with pytest.raises(ValueError, match=r"^num_classes=5: expected 0 \(unconditional\) or 2"):
         ImageFolderDataModule(root=str(tmp_path / "tree"), image_size=16, num_classes=5).setup()

@@ -36,13 +36,15 @@ class CelebA64DataModule(ImageDataModule):
                  exclude_attributes: tuple[str, ...] | list[str] = EXCLUDED, image_size: int = 64, crop: int = 140,
                  export_dir: str = "celeba-subset", channels: int = 3, num_classes: int = 0, batch_size: int = 128,
                  steps_per_epoch: int | None = None, seed: int = 0, download: bool = True, cache: bool = True,
-                 cache_dir: str | None = None, num_workers: int = 0, overfit: bool = False):
+                 cache_dir: str | None = None, num_workers: int = 0, overfit: bool = False,
+                 cache_latents: bool = False, latent_cache_dir: str | None = None):
         if layout not in ("export", "torchvision"):
             raise ValueError(f"layout={layout!r}: expected 'export' or 'torchvision'")
         if num_classes != 0:
             raise ValueError(f"num_classes={num_classes}: CelebA-64 is unconditional, expected 0")
         super().__init__(root, channels, image_size, num_classes, batch_size, steps_per_epoch, hflip, seed,
-                         download, name="celeba64", overfit=overfit)
+                         download, name="celeba64", overfit=overfit, cache_latents=cache_latents,
+                         latent_cache_dir=latent_cache_dir)
         self.layout, self.exclude, self.crop = layout, tuple(exclude_attributes or ()), crop
         self.export_dir, self.cache, self.cache_dir, self.num_workers = export_dir, cache, cache_dir, num_workers
         self.attributes: torch.Tensor | None = None

@@ -12,7 +12,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from diffusion_lab.data.images import ROOT_HINT, FileImages, ImageDataModule, collate_images, decode_images, load_image
+from diffusion_lab.data.images import (
+    ROOT_HINT,
+    FileImages,
+    ImageDataModule,
+    collate_images,
+    decode_images,
+    iter_files,
+    load_image,
+)
 
 
 class _FlipSampler(Sampler):
@@ -50,11 +58,13 @@ class ImageFolderDataModule(ImageDataModule):
     def __init__(self, root: str = "data/imagefolder", image_size: int = 128, center_crop: bool = True,
                  channels: int = 3, num_classes: int = 0, batch_size: int = 64, num_workers: int = 4,
                  hflip: bool = True, preload: bool = False, steps_per_epoch: int | None = None, seed: int = 0,
-                 name: str = "imagefolder", overfit: bool = False):
+                 name: str = "imagefolder", overfit: bool = False, cache_latents: bool = False,
+                 latent_cache_dir: str | None = None):
         if steps_per_epoch is not None and not preload:
             raise ValueError(f"steps_per_epoch={steps_per_epoch}: only with preload=true (streaming: one pass)")
         super().__init__(root, channels, image_size, num_classes, batch_size, steps_per_epoch, hflip, seed,
-                         download=False, name=name, overfit=overfit)
+                         download=False, name=name, overfit=overfit, cache_latents=cache_latents,
+                         latent_cache_dir=latent_cache_dir)
         self.center_crop, self.num_workers, self.preload = center_crop, num_workers, preload
         self.samples: list[tuple[str, int]] = []
 
@@ -91,7 +101,7 @@ class ImageFolderDataModule(ImageDataModule):
         self.class_names = list(classes) if self.num_classes else []
 
     def train_dataloader(self):
-        if self.preload:
+        if self.preload or self.latents is not None:
             return super().train_dataloader()
         if self._loader is None:
             self.setup()
@@ -102,8 +112,18 @@ class ImageFolderDataModule(ImageDataModule):
                 sampler=_FlipSampler(len(paths), self.hflip, self.seed, bs if self.overfit else 0),
                 num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                 pin_memory=torch.cuda.is_available(), drop_last=True,
-                collate_fn=partial(collate_images, as_float=True, with_cond=bool(self.num_classes)))
+                collate_fn=partial(collate_images, with_cond=bool(self.num_classes)))
         return self._loader
+
+    def iter_uint8(self, split: str = "train", batch_size: int = 256):
+        """(uint8 images, labels) of a split in stored order, decoded by workers batch by batch (streaming)."""
+        if self.preload:
+            yield from super().iter_uint8(split, batch_size)
+            return
+        samples, _ = self._scan(split)
+        for b in iter_files([p for p, _ in samples], [y for _, y in samples], self._decode(), self.num_workers,
+                            batch_size):
+            yield b["x"], b["cond"]
 
     def real_uint8(self, split: str = "train", n: int | None = None) -> torch.Tensor:
         """Real images as uint8 (N, C, H, W); n: a seeded random subset, decoded on demand when streaming."""

@@ -1,8 +1,10 @@
 """Image DataModules: a dataset is one uint8 tensor (N, C, H, W); batches are seeded index draws in [-1, 1].
 
 Keeping uint8 (4x smaller than float) lets CIFAR-10 (150 MB) or the CelebA-64 subset (~2.4 GB for all
-of CelebA) sit in memory or on the training device, and removes per-item PIL work from the hot loop:
-conversion to [-1, 1] and the random horizontal flip happen once per batch on the tensor.
+of CelebA) sit in memory or on the training device, and removes per-item PIL work from the hot loop: the
+random horizontal flip happens once per batch on the tensor. Batches stay uint8; the run's space
+(diffusion_lab.spaces) maps them to model space ([-1, 1] pixels, or latents) on the training device.
+With data.cache_latents=true the batches are cached posteriors of a frozen autoencoder instead (latents.py).
 
 torchvision fetches (download=True, when files are missing), these readers parse the files on disk.
 Reading ourselves means a read-only root works (MNIST .gz files are decoded in memory, nothing is
@@ -27,20 +29,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from diffusion_lab.data.lowdim import HeldoutBatches, InMemoryBatches, rank_seed
+from diffusion_lab.domains import ImageDomain
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.latents import PickFlip
 from diffusion_lab.safety import UnsafeFileError, restricted_pickle_load
+from diffusion_lab.spaces import from_uint8, to_uint8  # re-exported: the pixel space owns the [-1, 1] map
 
 ROOT_HINT = "set data.root=<dir> or DIFFUSION_LAB_DATA"
-
-
-def from_uint8(u: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float in [-1, 1]: x = u / 127.5 - 1."""
-    return u.float() / 127.5 - 1.0
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 pixels: round((x + 1) * 127.5), clamped to [0, 255]."""
-    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def fetch_or_fail(present: Callable[[], bool], fetch: Callable[[], object] | None, download: bool,
@@ -98,23 +93,27 @@ class FileImages(Dataset):
         return (x.flip(-1) if i >= n else x), self.labels[i % n]
 
 
-def collate_images(items, as_float: bool, with_cond: bool) -> dict:
-    """[(uint8 image, label)] -> {"x": (B, C, H, W) in [-1, 1] (or uint8), "cond": labels or None}."""
+def collate_images(items, with_cond: bool) -> dict:
+    """[(uint8 image, label)] -> {"x": (B, C, H, W) uint8, "cond": labels or None}."""
     x = torch.stack([it[0] for it in items])  # (B, C, H, W) uint8
     cond = torch.tensor([it[1] for it in items], dtype=torch.long) if with_cond else None
-    return {"x": from_uint8(x) if as_float else x, "cond": cond}
+    return {"x": x, "cond": cond}
 
 
 def decode_images(paths: list, decode: Callable, num_workers: int = 0, batch_size: int = 256) -> torch.Tensor:
     """Decode many files once (in worker processes) into one uint8 tensor (N, C, H, W)."""
-    loader = DataLoader(FileImages(list(paths), [0] * len(paths), decode), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=partial(collate_images, as_float=False, with_cond=False))
-    parts = [b["x"] for b in loader]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+    return torch.cat([b["x"] for b in iter_files(paths, [0] * len(paths), decode, num_workers, batch_size)] or
+                     [torch.zeros(0, dtype=torch.uint8)])
 
 
-class FlipToFloat:
-    """InMemoryBatches transform: random horizontal flip (seeded per batch) on uint8, then map to [-1, 1]."""
+def iter_files(paths: list, labels: list, decode: Callable, num_workers: int = 0, batch_size: int = 256):
+    """Batches {"x": uint8, "cond": labels} of decoded files in order (worker processes decode)."""
+    return DataLoader(FileImages(list(paths), list(labels), decode), batch_size=batch_size, num_workers=num_workers,
+                      collate_fn=partial(collate_images, with_cond=True))
+
+
+class RandomFlip:
+    """InMemoryBatches transform: random horizontal flip of uint8 images, seeded per batch."""
 
     def __init__(self, hflip: bool = False):
         self.hflip = hflip
@@ -125,26 +124,27 @@ class FlipToFloat:
             g = torch.Generator(device=u.device).manual_seed(seed)
             flip = torch.rand(u.shape[0], generator=g, device=u.device) < 0.5
             u = torch.where(flip[:, None, None, None], u.flip(-1), u)
-        return {"x": from_uint8(u), "cond": batch["cond"]}
+        return {"x": u, "cond": batch["cond"]}
 
 
 class ImageDataModule(L.LightningDataModule):
     """Images held in memory as one uint8 tensor; subclasses implement `load_split(split)`."""
 
-    kind = "images"
+    domain = ImageDomain()  # how samples of these data are saved, drawn and scored
     val_split = "test"  # the split that validation loops and classifier accuracy use
-    to_uint8 = staticmethod(to_uint8)  # datamodule.to_uint8(samples) for grids / FID inputs
-    from_uint8 = staticmethod(from_uint8)
 
     def __init__(self, root: str, channels: int, image_size: int, num_classes: int = 0, batch_size: int = 128,
                  steps_per_epoch: int | None = None, hflip: bool = False, seed: int = 0, download: bool = True,
-                 name: str = "images", overfit: bool = False):
+                 name: str = "images", overfit: bool = False, cache_latents: bool = False,
+                 latent_cache_dir: str | None = None):
         super().__init__()
         if batch_size < 1 or (steps_per_epoch is not None and steps_per_epoch < 1):
             raise ValueError(f"batch_size={batch_size}, steps_per_epoch={steps_per_epoch}: expected >= 1")
         self.root, self.channels, self.image_size, self.num_classes = str(root), channels, image_size, num_classes
         self.batch_size, self.steps_per_epoch, self.hflip, self.seed = batch_size, steps_per_epoch, hflip, seed
         self.download, self.name, self.overfit = download, name, overfit
+        self.cache_latents, self.latent_cache_dir = cache_latents, latent_cache_dir
+        self.latents: dict | None = None  # attach_latents: {"posterior", "labels"} of the training split
         self.data: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
         self.class_names: list[str] = []
@@ -184,7 +184,26 @@ class ImageDataModule(L.LightningDataModule):
         if hasattr(loader, "to"):  # streaming loaders (imagefolder) stay on the host
             loader.to(device)
 
+    def attach_latents(self, cache: dict) -> None:
+        """Train on cached posteriors (latents.py) instead of images: batches {"posterior", "cond"}."""
+        self.latents, self._loader = cache, None
+
+    def _latent_loader(self) -> InMemoryBatches:
+        post, labels = self.latents["posterior"], self.latents["labels"]
+        bs = min(self.batch_size, len(post))
+        steps = self.steps_per_epoch or math.ceil(len(post) / bs)
+        return InMemoryBatches(post, labels if self.num_classes else None, bs, steps, rank_seed(self),
+                               fixed=self.overfit, transform=PickFlip(not self.overfit))
+
+    def iter_uint8(self, split: str = "train", batch_size: int = 256):
+        """(uint8 images, labels or None) of a split in stored order, in batches (latent cache building)."""
+        x, y = self._split(split)
+        for i in range(0, len(x), batch_size):
+            yield x[i: i + batch_size], None if y is None else y[i: i + batch_size]
+
     def train_dataloader(self):
+        if self._loader is None and self.latents is not None:
+            self._loader = self._latent_loader()
         if self._loader is None:
             self.setup()
             n = len(self.data)
@@ -193,15 +212,14 @@ class ImageDataModule(L.LightningDataModule):
             cond = self.labels if self.num_classes else None
             # overfit (debug=overfit): one fixed, unflipped batch, so the loss can go to ~0
             self._loader = InMemoryBatches(self.data, cond, bs, steps, rank_seed(self), fixed=self.overfit,
-                                           transform=FlipToFloat(self.hflip and not self.overfit))
+                                           transform=RandomFlip(self.hflip and not self.overfit))
         return self._loader
 
     def val_dataloader(self) -> HeldoutBatches:
-        """The test split in fixed batches, in model space ([-1, 1]); loaded only when validation runs
+        """The test split in fixed uint8 batches (the space encodes them); loaded only when validation runs
         (trainer.limit_val_batches > 0)."""
         x, y = self._split(self.val_split)
-        to_model = lambda b: {"x": from_uint8(b["x"]), "cond": b["cond"]}
-        return HeldoutBatches(x, y if self.num_classes else None, self.batch_size, transform=to_model)
+        return HeldoutBatches(x, y if self.num_classes else None, self.batch_size)
 
     def has_split(self, split: str) -> bool:
         return split in ("train", self.val_split)
@@ -228,6 +246,10 @@ class ImageDataModule(L.LightningDataModule):
             return data
         g = torch.Generator().manual_seed(self.seed)
         return data[torch.randperm(len(data), generator=g)[:n].sort().values]
+
+    def real(self, n: int | None = None) -> torch.Tensor:
+        """Real held-out images in [-1, 1] (the judge's Fréchet reference)."""
+        return from_uint8(self.real_uint8(self.val_split, n))
 
     def describe(self) -> dict:
         self.setup()
@@ -256,12 +278,13 @@ class MNISTDataModule(ImageDataModule):
 
     def __init__(self, root: str = "data", download: bool = True, pad_to_32: bool = False, batch_size: int = 128,
                  num_classes: int = 10, channels: int = 1, image_size: int | None = None,
-                 steps_per_epoch: int | None = None, hflip: bool = False, seed: int = 0, overfit: bool = False):
+                 steps_per_epoch: int | None = None, hflip: bool = False, seed: int = 0, overfit: bool = False,
+                 cache_latents: bool = False, latent_cache_dir: str | None = None):
         size = 32 if pad_to_32 else 28
         if image_size is not None and image_size != size:
             raise ValueError(f"image_size={image_size}: MNIST gives {size}x{size} with pad_to_32={pad_to_32}")
         super().__init__(root, channels, size, num_classes, batch_size, steps_per_epoch, hflip, seed, download,
-                         name="mnist", overfit=overfit)
+                         name="mnist", overfit=overfit, cache_latents=cache_latents, latent_cache_dir=latent_cache_dir)
         self.pad_to_32 = pad_to_32
 
     def _file(self, name: str) -> Path | None:
@@ -313,9 +336,11 @@ class CIFAR10DataModule(ImageDataModule):
 
     def __init__(self, root: str = "data", download: bool = True, hflip: bool = True, batch_size: int = 128,
                  num_classes: int = 10, channels: int = 3, image_size: int = 32,
-                 steps_per_epoch: int | None = None, seed: int = 0, overfit: bool = False):
+                 steps_per_epoch: int | None = None, seed: int = 0, overfit: bool = False,
+                 cache_latents: bool = False, latent_cache_dir: str | None = None):
         super().__init__(root, channels, image_size, num_classes, batch_size, steps_per_epoch, hflip, seed,
-                         download, name="cifar10", overfit=overfit)
+                         download, name="cifar10", overfit=overfit, cache_latents=cache_latents,
+                         latent_cache_dir=latent_cache_dir)
 
     def load_split(self, split: str):
         if split not in self.FILES:

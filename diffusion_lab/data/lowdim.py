@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from diffusion_lab.data import points as P
+from diffusion_lab.domains import PointDomain
 
 
 class InMemoryBatches:
@@ -110,8 +111,9 @@ class PointsDataModule(L.LightningDataModule):
     STATES protocol is always every point of the source (`reference()`), split or not.
     """
 
-    kind = "points"
+    domain = PointDomain()  # how samples of these data are saved, drawn and scored
     val_split = "heldout"  # the split that validation loops and classifier accuracy use
+    cache_latents = False  # points have no latent space to cache
 
     def __init__(self, source: Callable, dim: int, num_classes: int = 0, batch_size: int = 5000,
                  steps_per_epoch: int = 100, heldout: Callable | None = None, seed: int = 0,
