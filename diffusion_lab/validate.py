@@ -90,6 +90,18 @@ SCHEMA: dict[str, tuple[Callable, str]] = {
     "train.nonfinite_check": one_of("auto", "step", "deferred"),
     "train.max_consecutive_skips": int_at_least(1),
     "train.nonfinite_check_every": int_at_least(1),
+    "data.cache_latents": BOOL,
+    "space.scaling": one_of("measured", "fixed"),
+    "space.stats_images": optional(int_at_least(2)),
+    "space.encode_batch_size": int_at_least(1),
+}
+
+# The latent spaces' inputs, checked before the config is resolved: the latent shape interpolations
+# (${dl_latent_shape:...}) read them.
+SPACE_INPUTS = {
+    "space.ckpt": ("an autoencoder .ckpt written by task=train_autoencoder", lambda p: p.is_file()),
+    "space.path": ("a diffusers AutoencoderKL folder (config.json + safetensors)",
+                   lambda p: (p / "config.json").is_file()),
 }
 
 # Input files: key -> what the file should be. Checked for existence here; their content is checked by
@@ -113,6 +125,15 @@ def _show(value) -> str:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first bad value (table order), naming the key and what was expected."""
+    for key, (what, present) in SPACE_INPUTS.items():
+        node, _, leaf = key.rpartition(".")
+        if OmegaConf.select(cfg, node) is None or leaf not in OmegaConf.select(cfg, node):
+            continue
+        if OmegaConf.is_missing(OmegaConf.select(cfg, node), leaf):
+            raise ConfigError(f"{key}: missing; expected {what} ({key}=<path>)")
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, str) or not present(Path(value)):
+            raise ConfigError(f"{key}={_show(value)}: not found (expected {what})")
     try:  # interpolations that cannot resolve: a model asking for ${data.channels} on points data
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except OmegaConfBaseException as exc:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -44,3 +47,23 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX file (magic 0x0000080N: uint8, N dims, big-endian sizes), gzipped like the MNIST originals."""
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def write_autoencoder_ckpt(path: Path, seed: int = 0) -> Path:
+    """A task=train_autoencoder checkpoint of a small, randomly initialised KL-autoencoder for 1x32x32 MNIST
+    (f = 4, 4x8x8 latents): the stored config and `net.` weights a trained one has, in a second."""
+    from diffusion_lab.build import make, resolved
+
+    cfg = compose_cfg(["experiment=mnist_autoencoder", "autoencoder.ch=8", "autoencoder.norm_groups=4",
+                       "data.root=unused"], path.parent)
+    torch.manual_seed(seed)
+    net = make(cfg, "autoencoder")
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "config": resolved(cfg),
+                "global_step": 0}, path)
+    return path

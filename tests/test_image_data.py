@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from diffusion_lab.data import (
     to_uint8,
 )
 from diffusion_lab.data import celeba as celeba_mod
+from helpers import write_idx
 from diffusion_lab.data.images import RandomFlip
 from diffusion_lab.spaces import PixelSpace
 
@@ -54,12 +53,6 @@ def write_cifar(root: Path, per_batch: int = 6, n_test: int = 4) -> np.ndarray:
         pickle.dump({b"label_names": [f"class{i}".encode() for i in range(10)], b"num_cases_per_batch": per_batch,
                      b"num_vis": 3072}, f)
     return np.concatenate(train)
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """IDX file (magic 0x0000080N: uint8, N dims, big-endian sizes), gzipped like the MNIST originals."""
-    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
 
 
 def write_celeba_export(root: Path, n: int = 8) -> tuple[list[str], list[str]]:
