@@ -90,6 +90,16 @@ SCHEMA: dict[str, tuple[Callable, str]] = {
     "train.nonfinite_check": one_of("auto", "step", "deferred"),
     "train.max_consecutive_skips": int_at_least(1),
     "train.nonfinite_check_every": int_at_least(1),
+    "task.lpips_weight": nonneg_number(),  # task=train_autoencoder
+    "task.kl_weight": nonneg_number(),
+    "task.disc_start": optional(int_at_least(0)),
+    "task.disc_weight": nonneg_number(),
+    "task.disc_ch": int_at_least(1),
+    "task.disc_layers": int_at_least(1),
+    "task.eval_n": optional(int_at_least(2)),
+    "task.eval_batch_size": int_at_least(1),
+    "task.rfid": BOOL,
+    "lpips.net": one_of("alex", "vgg"),
 }
 
 # Input files: key -> what the file should be. Checked for existence here; their content is checked by
