@@ -94,6 +94,16 @@ SCHEMA: dict[str, tuple[Callable, str]] = {
     "space.scaling": one_of("measured", "fixed"),
     "space.stats_images": optional(int_at_least(2)),
     "space.encode_batch_size": int_at_least(1),
+    "task.lpips_weight": nonneg_number(),  # task=train_autoencoder
+    "task.kl_weight": nonneg_number(),
+    "task.disc_start": optional(int_at_least(0)),
+    "task.disc_weight": nonneg_number(),
+    "task.disc_ch": int_at_least(1),
+    "task.disc_layers": int_at_least(1),
+    "task.eval_n": optional(int_at_least(2)),
+    "task.eval_batch_size": int_at_least(1),
+    "task.rfid": BOOL,
+    "lpips.net": one_of("alex", "vgg"),
 }
 
 # The latent spaces' inputs, checked before the config is resolved: the latent shape interpolations
