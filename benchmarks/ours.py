@@ -72,7 +72,7 @@ class ResidentData(L.LightningDataModule):
     def __init__(self, u8: torch.Tensor, batch_size: int, hflip: bool):
         super().__init__()
         self.shape = tuple(u8.shape[1:])
-        self.loader = InMemoryBatches(u8, None, batch_size, 10**6, seed=0, transform=RandomFlip(hflip))  # uint8; the module's space maps to [-1, 1]
+        self.loader = InMemoryBatches(u8, None, batch_size, 10**6, seed=0, transform=RandomFlip(hflip))  # uint8: the space maps it
 
     def to_device(self, device) -> None:
         self.loader.to(device)

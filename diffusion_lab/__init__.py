@@ -41,10 +41,10 @@ def _new_dir(base: str) -> str:
 OmegaConf.register_new_resolver("dl_new_dir", _new_dir, replace=True)
 
 
-def _latent_shape(ckpt, index) -> int:
+def _latent_shape(source, index, pixel_size=None) -> int:
     from diffusion_lab.spaces import latent_shape  # lazy, as above
 
-    return latent_shape(ckpt, index)
+    return latent_shape(source, index, pixel_size)
 
 
 # space=autoencoder: the latent channels and size come from the autoencoder checkpoint's stored config

@@ -10,7 +10,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 
 
-
 def ema_multi_avg_fn(decay: float, warmup: bool):
     """Foreach EMA update; with warm-up the decay is min(decay, (1 + n) / (10 + n)) after n updates.
 
@@ -138,7 +137,8 @@ class Throughput(L.Callback):
             self._t0, self._count = time.perf_counter(), 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._count += batch["x"].shape[0]
+        # items: raw images/points ("x") or cached latent posteriors ("posterior")
+        self._count += next(len(v) for k, v in batch.items() if k != "cond")
         if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
             elapsed = time.perf_counter() - self._t0
             pl_module.log("train/samples_per_sec", self._count / max(elapsed, 1e-9))

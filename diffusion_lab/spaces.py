@@ -252,7 +252,8 @@ class AutoencoderSpace(LatentSpace):
         self.data_shape = (int(self.net.in_channels), int(self.net.image_size), int(self.net.image_size))
         for key, want, have in (("channels", channels, self.channels), ("image_size", image_size, self.image_size)):
             if want is not None and int(want) != have:
-                raise ValueError(f"{key}={want}: the autoencoder {ckpt} has {have} ({'z channels' if key == 'channels' else 'latent size'})")
+                what = "z channels" if key == "channels" else "latent size"
+                raise ValueError(f"{key}={want}: the autoencoder {ckpt} has {have} ({what})")
         super().__init__(**kwargs)
 
     def _encode_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -50,7 +50,7 @@ def test_every_choice_composes_and_builds(group, choice, tmp_path):
         overrides += ["data=mnist", "model=unet_tiny"]
     if (group, choice) in LATENT:  # tested with their autoencoder fixtures in test_spaces.py
         with pytest.raises(Exception, match="Missing mandatory value|space.ckpt|space.path"):
-            compose_cfg(overrides, tmp_path).model.in_channels
+            _ = compose_cfg(overrides, tmp_path).model.in_channels
         return
     cfg = compose_cfg(overrides, tmp_path)
     if group == "sweep":  # sweep configs only add hydra.sweeper settings (and a task) to any experiment

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_idx
 from PIL import Image
 
 from diffusion_lab.data import (
@@ -20,7 +21,6 @@ from diffusion_lab.data import (
     to_uint8,
 )
 from diffusion_lab.data import celeba as celeba_mod
-from helpers import write_idx
 from diffusion_lab.data.images import RandomFlip
 from diffusion_lab.spaces import PixelSpace
 

@@ -18,6 +18,8 @@ from diffusion_lab.latents import build_cache
 from diffusion_lab.preflight import prepare_space
 from diffusion_lab.spaces import AutoencoderSpace, PixelSpace, PointSpace, from_uint8, to_uint8
 
+SMALL_UNET = ["model.ch=32", "model.num_res_blocks=1"]
+
 
 def mnist_fixture(root: Path, n: int = 40) -> Path:
     """A tiny MNIST in the real IDX .gz layout (random digits, labels 0..9)."""
@@ -38,7 +40,7 @@ def ae_ckpt(tmp_path_factory) -> Path:
 def latent_cfg(tmp_path: Path, ae: Path, extra: list[str] = ()):
     root = mnist_fixture(tmp_path / "data")
     cfg = compose_cfg(["experiment=mnist_ldm", f"space.ckpt={ae}", f"data.root={root}", "data.batch_size=8",
-                       f"data.latent_cache_dir={tmp_path / 'latents'}", "model.ch=16", *extra], tmp_path)
+                       f"data.latent_cache_dir={tmp_path / 'latents'}", *SMALL_UNET, *extra], tmp_path)
     return cfg
 
 
@@ -128,7 +130,7 @@ def test_latent_cache_rejects_a_pixel_space(tmp_path):
 def test_latent_run_records_the_autoencoder_and_refuses_another(ae_ckpt, tmp_path):
     root = mnist_fixture(tmp_path / "data")
     run = tmp_path / "run"
-    common = [f"data.root={root}", f"data.latent_cache_dir={tmp_path / 'latents'}", "model.ch=16"]
+    common = [f"data.root={root}", f"data.latent_cache_dir={tmp_path / 'latents'}", *SMALL_UNET]
     r = run_cli(["experiment=mnist_ldm", f"space.ckpt={ae_ckpt}", "debug=fast", "eval.metrics=[]",
                  f"hydra.run.dir={run}", *common, *FAST])
     assert r.returncode == 0, r.stderr[-2000:]
