@@ -23,6 +23,7 @@ from omegaconf import OmegaConf, open_dict
 from diffusion_lab.build import build, build_trainer
 from diffusion_lab.data.images import RandomFlip
 from diffusion_lab.data.lowdim import InMemoryBatches
+from diffusion_lab.domains import ImageDomain
 from diffusion_lab.samplers import sample_ddim
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,12 +68,13 @@ class ResidentData(L.LightningDataModule):
     """Given uint8 images served exactly like ImageDataModule serves them (resident, per-batch flip and
     scaling): the same bytes the diffusers side trains on."""
 
-    kind = "images"
+    domain = ImageDomain()
 
     def __init__(self, u8: torch.Tensor, batch_size: int, hflip: bool):
         super().__init__()
         self.shape = tuple(u8.shape[1:])
-        self.loader = InMemoryBatches(u8, None, batch_size, 10**6, seed=0, transform=RandomFlip(hflip))  # uint8: the space maps it
+        # uint8 batches, as the image datamodules yield them: the module's space maps them to [-1, 1]
+        self.loader = InMemoryBatches(u8, None, batch_size, 10**6, seed=0, transform=RandomFlip(hflip))
 
     def to_device(self, device) -> None:
         self.loader.to(device)
