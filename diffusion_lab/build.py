@@ -97,7 +97,7 @@ def build(cfg: DictConfig) -> Parts:
     net = make(cfg, "model")
     sampler = make(cfg, "sampler")
     check_sampler(sampler, schedule)
-    guidance = make_guidance(cfg, net, schedule)
+    guidance = make_guidance(cfg, net, schedule, space)
     try:
         module = DiffusionModule(
             net=net, objective=objective, optimizer=make(cfg, "optimizer"), sampler=sampler,
@@ -119,12 +119,12 @@ def make_space(cfg: DictConfig):
     return make(cfg, "space")
 
 
-def make_guidance(cfg: DictConfig, net, schedule):
-    """cfg.guidance (null, cfg or classifier), checked against the net and the schedule it will guide."""
+def make_guidance(cfg: DictConfig, net, schedule, space=None):
+    """cfg.guidance (null, cfg or classifier), checked against the net, schedule and space it will guide."""
     guidance = make(cfg, "guidance", optional=True)
     if guidance is not None:
         try:
-            guidance.check(net, schedule)
+            guidance.check(net, schedule, space)
         except ValueError as exc:
             raise ConfigError(f"guidance: {exc}") from exc
     return guidance

@@ -26,7 +26,7 @@ class ClassifierFree:
             raise ValueError(f"scale={scale}: expected a guidance scale >= 0")
         self.scale = float(scale)
 
-    def check(self, net, schedule) -> None:
+    def check(self, net, schedule, space=None) -> None:
         if not getattr(net, "num_classes", 0):
             raise ValueError("classifier-free guidance needs a class-conditional net (model.num_classes > 0, "
                              "trained with objective.p_uncond > 0)")
@@ -62,7 +62,10 @@ class ClassifierGuidance:
             raise ValueError(f"ckpt={ckpt}: this classifier was trained on clean data (task.noisy=false); "
                              "guidance needs a noise-conditional one (task.noisy=true)")
 
-    def check(self, net, schedule) -> None:
+    def check(self, net, schedule, space=None) -> None:
+        if space is not None and tuple(space.shape) != tuple(space.data_shape):  # train_classifier refuses latents
+            raise ValueError(f"ckpt={self.ckpt}: classifier guidance works on pixels or points, but this model "
+                             f"samples {type(space).__name__} latents; use guidance=cfg for latent diffusion")
         mine, theirs = self.info["schedule"], schedule.describe()
         if mine != theirs:
             raise ValueError(f"ckpt={self.ckpt}: classifier trained on schedule {mine}, but the diffusion model "

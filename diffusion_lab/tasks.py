@@ -267,7 +267,7 @@ def sample(cfg: DictConfig, run_dir: Path, task_name: str = "sample") -> dict:
     _save_resolved_config(cfg, run_dir)
     sampler = _sampler_override(cfg, saved, module.objective.schedule)
     if cfg.get("guidance") is not None:
-        module.guidance = make_guidance(cfg, module.net, module.objective.schedule)
+        module.guidance = make_guidance(cfg, module.net, module.objective.schedule, module.space)
     if str(cfg.eval.get("precision", "auto")) != "auto":
         module.sample_precision = sample_precision(cfg)
     protocol = {"task": task_name, "checkpoint": str(cfg.ckpt), "step": ckpt.get("global_step"), "ema": used_ema,
