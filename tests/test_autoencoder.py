@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, compose_cfg
+from helpers import CONF, REPO, compose_cfg, run_cli
+from omegaconf import OmegaConf
 from PIL import Image
+from test_image_runs import mnist_root
 
 from diffusion_lab.autoencoder import (
     AutoencoderModule,
     adaptive_weight,
     hinge_d_loss,
+    load_autoencoder,
+    pair_metrics,
+    reconstruct,
+    train_autoencoder,
 )
 from diffusion_lab.build import ConfigError, make
 from diffusion_lab.lpips import LPIPS

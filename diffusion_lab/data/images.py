@@ -33,7 +33,7 @@ from diffusion_lab.domains import ImageDomain
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.latents import PickFlip
 from diffusion_lab.safety import UnsafeFileError, restricted_pickle_load
-from diffusion_lab.spaces import from_uint8  # re-exported: the pixel space owns the [-1, 1] map
+from diffusion_lab.spaces import from_uint8  # the pixel space owns the [-1, 1] map
 
 ROOT_HINT = "set data.root=<dir> or DIFFUSION_LAB_DATA"
 
