@@ -182,10 +182,10 @@ def pair_metrics(real_u8: Tensor, recon_u8: Tensor, lpips: LPIPS, device: torch.
     return {name: float(torch.cat(v).mean()) for name, v in (("psnr", psnr), ("ssim", ssim), ("lpips", dist))}
 
 
-def reconstruction_fid(real_u8: Tensor, recon_u8: Tensor, datamodule, split: str, cfg: DictConfig,
-                       device) -> tuple[dict, dict]:
-    """rFID: FID between the reconstructions and the very images they reconstruct (torch-fidelity Inception;
-    the originals' features come from the suite's reference cache, keyed like evaluation's)."""
+def reconstruction_fid(net: nn.Module, datamodule, split: str, n: int | None, cfg: DictConfig, device,
+                       batch_size: int = 256) -> tuple[dict, dict]:
+    """rFID: FID between n held-out images (a seeded subset) and their own reconstructions (torch-fidelity
+    Inception; the originals' features come from the suite's reference cache, keyed like evaluation's)."""
     from diffusion_lab.fidelity import InceptionFeatures, ReferenceCache, fidelity_metrics, reference_features
 
     fc = cfg.eval.fidelity
@@ -193,11 +193,12 @@ def reconstruction_fid(real_u8: Tensor, recon_u8: Tensor, datamodule, split: str
         extractor = InceptionFeatures(fc.get("weights"), device, int(fc.batch_size))
     except ValueError as exc:
         raise ConfigError(f"eval.fidelity.{exc}") from exc
-    ref, key, hit = reference_features(extractor, ReferenceCache(fc.get("cache_dir")), datamodule, split,
-                                       len(real_u8))
-    values, notes = fidelity_metrics(extractor(recon_u8), ref, ["fid"])
-    return {"rfid": values["fid"]}, {**extractor.describe(), "reference_cache_key": key, "reference_cache_hit": hit,
-                                    **notes}
+    real = datamodule.real_uint8(split, n)
+    ref, key, hit = reference_features(extractor, ReferenceCache(fc.get("cache_dir")), datamodule, split, len(real))
+    values, notes = fidelity_metrics(extractor(reconstruct(net, real, device, batch_size)), ref, ["fid"])
+    return {"rfid": values["fid"]}, {"n": len(real), "split": split, "subset_seed": datamodule.seed,
+                                     **extractor.describe(), "reference_cache_key": key,
+                                     "reference_cache_hit": hit, **notes}
 
 
 def save_pairs(real_u8: Tensor, recon_u8: Tensor, path: Path, per_row: int = 8, rows: int = 4) -> None:
@@ -228,7 +229,7 @@ def _build(cfg: DictConfig, datamodule, lpips_weight, kl_weight, disc_start, dis
 def train_autoencoder(cfg: DictConfig, run_dir: Path, lpips_weight: float = 1.0, kl_weight: float = 1e-6,
                       disc_start: int | None = None, disc_weight: float = 0.5, disc_ch: int = 64, disc_layers: int = 3,
                       eval_split: str = "test", eval_n: int | None = None, eval_batch_size: int = 256,
-                      rfid: bool = True) -> dict:
+                      rfid: bool = True, rfid_n: int | None = None) -> dict:
     """Fit the `autoencoder` net on the run's images, then score reconstructions of held-out images:
     PSNR, SSIM, LPIPS and rFID, with the grid of originals vs reconstructions."""
     from diffusion_lab.tasks import _log_final, _resume_path, _save_loss_curve, _save_resolved_config, write_json
@@ -268,7 +269,7 @@ def train_autoencoder(cfg: DictConfig, run_dir: Path, lpips_weight: float = 1.0,
     metrics = pair_metrics(real, recon, module.lpips.to(device), device, eval_batch_size)
     fid_protocol = {}
     if rfid:
-        values, fid_protocol = reconstruction_fid(real, recon, datamodule, eval_split, cfg, device)
+        values, fid_protocol = reconstruction_fid(net, datamodule, eval_split, rfid_n, cfg, device, eval_batch_size)
         metrics |= values
     save_pairs(real, recon, run_dir / "reconstructions.png")
     uses_ema = any(isinstance(c, EMA) for c in trainer.callbacks)
@@ -284,7 +285,7 @@ def train_autoencoder(cfg: DictConfig, run_dir: Path, lpips_weight: float = 1.0,
         "psnr": "per-image PSNR (dB) of uint8 reconstructions vs originals in [0, 1] (torchmetrics), mean",
         "ssim": "per-image SSIM, Gaussian 11x11 sigma 1.5, data range 1 (torchmetrics), mean",
         **module.lpips.describe(),
-        **({"rfid": {"compares": "reconstructions vs the same held-out originals", **fid_protocol}} if rfid else {}),
+        **({"rfid": {"compares": "reconstructions vs their own originals", **fid_protocol}} if rfid else {}),
         "metric_seconds": round(time.perf_counter() - t_eval, 2), "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.perf_counter() - t0, 2), "data": datamodule.describe()}
     results = {"metrics": metrics, "protocol": protocol}

@@ -87,5 +87,5 @@ class LPIPS(nn.Module):
         return self.net(x, y).flatten()
 
     def describe(self) -> dict:
-        return {"lpips": f"v0.1 linear layers (torchmetrics), {self.net_type} trunk",
+        return {"lpips_net": f"v0.1 linear layers (torchmetrics), {self.net_type} trunk",
                 "lpips_weights": str(self.weights) if self.weights else "torchvision download"}

@@ -103,6 +103,7 @@ SCHEMA: dict[str, tuple[Callable, str]] = {
     "task.eval_n": optional(int_at_least(2)),
     "task.eval_batch_size": int_at_least(1),
     "task.rfid": BOOL,
+    "task.rfid_n": optional(int_at_least(2)),
     "lpips.net": one_of("alex", "vgg"),
 }
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import CONF, REPO, compose_cfg, run_cli
+from helpers import REPO, compose_cfg, float64, run_cli  # noqa: F401 (float64: a fixture)
 from omegaconf import OmegaConf
 from PIL import Image
 from test_image_runs import mnist_root

@@ -197,7 +197,8 @@ class KLAutoencoder(nn.Module):
 
 def kl_divergence(mean: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(mean, exp(logvar)) || N(0, I)) summed over each sample's latent: 0.5 sum(mu^2 + var - 1 - logvar), (B,)."""
-    return 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).flatten(1).sum(1)
+    mean, logvar = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (mean, logvar))  # bf16 -> fp32
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
 
 
 class PatchDiscriminator(nn.Module):
