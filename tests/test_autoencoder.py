@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, compose_cfg, float64, run_cli  # noqa: F401 (float64: a fixture)
+from helpers import REPO, compose_cfg, float64, run_cli  # noqa: F401  (float64: the fixture used below)
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 from test_image_runs import mnist_root
@@ -22,7 +23,6 @@ from diffusion_lab.autoencoder import (
     load_autoencoder,
     pair_metrics,
     reconstruct,
-    train_autoencoder,
 )
 from diffusion_lab.build import ConfigError, make
 from diffusion_lab.lpips import LPIPS
@@ -72,7 +72,8 @@ def test_lpips_bad_weights_fail_in_one_line(tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_kl_is_the_closed_form_gaussian_kl(float64):
+@pytest.mark.usefixtures("float64")
+def test_kl_is_the_closed_form_gaussian_kl():
     mean, logvar = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     q = torch.distributions.Normal(mean, (0.5 * logvar).exp())
     p = torch.distributions.Normal(torch.zeros_like(mean), torch.ones_like(mean))
@@ -81,7 +82,8 @@ def test_kl_is_the_closed_form_gaussian_kl(float64):
     assert torch.equal(kl_divergence(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)), torch.zeros(2))
 
 
-def test_adaptive_weight_is_the_ratio_of_last_layer_gradient_norms(float64):
+@pytest.mark.usefixtures("float64")
+def test_adaptive_weight_is_the_ratio_of_last_layer_gradient_norms():
     w = torch.randn(4, 3, requires_grad=True)
     a, b = torch.randn(4, 3), torch.randn(4, 3)
     # d/dW sum(W * a) = a, so the weight is |a| / (|b| + 1e-4)
@@ -154,3 +156,91 @@ def test_gan_losses_reach_only_their_own_players():
             assert torch.allclose(both[name], p.grad, atol=1e-6), name
         else:
             assert p.grad is None, name  # ... and the discriminator's leaves the autoencoder alone
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    """One debug=fast run of experiment=mnist_autoencoder, with the PatchGAN on from step 2 (of 4)."""
+    if not (LPIPS_DIR / "alexnet_features.pth").is_file():
+        pytest.skip(f"LPIPS trunk weights absent ({LPIPS_DIR})")
+    tmp = tmp_path_factory.mktemp("ae")
+    run = tmp / "run"
+    overrides = ["experiment=mnist_autoencoder", *FAST, f"data.root={mnist_root(tmp)}", "data.download=false",
+                 f"lpips.weights={LPIPS_DIR}", "task.eval_n=16", "task.rfid_n=16", "task.disc_start=2",
+                 "task.disc_ch=8", "task.disc_layers=2", f"eval.fidelity.cache_dir={tmp / 'cache'}",
+                 f"task.rfid={INCEPTION.is_file()}",
+                 f"eval.fidelity.weights={INCEPTION if INCEPTION.is_file() else None}"]
+    cfg = compose_cfg(overrides, run)
+    results = instantiate(cfg.task)(cfg, run)  # as run.py dispatches it
+    return cfg, run, results
+
+
+def test_train_autoencoder_debug_fast_writes_everything(fast_run):
+    cfg, run, results = fast_run
+    for name in ("checkpoints/last.ckpt", "results.json", "report.md", "reconstructions.png", "config.yaml"):
+        assert (run / name).is_file(), name
+    on_disk = json.loads((run / "results.json").read_text())
+    assert on_disk["metrics"] == pytest.approx(results["metrics"])
+    metrics, protocol = on_disk["metrics"], on_disk["protocol"]
+    assert {"psnr", "ssim", "lpips"} <= set(metrics) and all(np.isfinite(list(metrics.values())))
+    assert ("rfid" in metrics) == INCEPTION.is_file()
+    assert protocol["step"] == 4 and protocol["heldout"]["n"] == 16 and protocol["heldout"]["split"] == "test"
+    assert protocol["autoencoder"]["latent_shape"] == [4, 8, 8]
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert any(k.startswith("disc.") for k in state)  # the GAN's state resumes with the run ...
+    assert not any("lpips" in k for k in state)  # ... LPIPS is in no state_dict
+    grid = Image.open(run / "reconstructions.png")
+    assert grid.size == (8 * 34 + 2, 4 * 34 + 2)  # 8 images per row, 2 pairs of rows of 16 held-out digits
+    assert "reconstructions.png" in (run / "report.md").read_text()
+
+
+def test_load_autoencoder_round_trip(fast_run):
+    """The loaded net reproduces the run's own held-out numbers; info names the file by its bytes."""
+    cfg, run, results = fast_run
+    path = run / "checkpoints" / "last.ckpt"
+    net, info = load_autoencoder(path)
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    assert info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and info["step"] == 4
+    assert info["config"] == OmegaConf.to_container(cfg.autoencoder, resolve=True)
+    real = make(cfg, "data").real_uint8("test", 16)
+    cpu = torch.device("cpu")
+    again = pair_metrics(real, reconstruct(net, real, cpu), LPIPS("alex", LPIPS_DIR), cpu)
+    assert again == pytest.approx({k: results["metrics"][k] for k in again}, abs=1e-5)
+
+
+def test_load_autoencoder_refuses_other_checkpoints_in_one_line(tmp_path):
+    path = tmp_path / "diffusion.ckpt"
+    torch.save({"state_dict": {}, "config": {"task": {"_target_": "diffusion_lab.tasks.train", "_partial_": True}}},
+               path)
+    with pytest.raises(ConfigError) as info:
+        load_autoencoder(path, key="space.ckpt")
+    assert str(info.value) == (f"space.ckpt={path}: not an autoencoder checkpoint (written by task "
+                               "diffusion_lab.tasks.train); expected one from task=train_autoencoder")
+
+
+def write_imagefolder(root: Path, size: tuple[int, int] = (150, 136)) -> None:
+    """A tiny class-per-folder tree with train/ and validation/ splits of non-square RGB images."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("validation", 2)):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+
+
+@pytest.mark.slow
+@needs_lpips
+def test_imagenet100_autoencoder_runs_on_a_128px_imagefolder(tmp_path):
+    """experiment=imagenet100_autoencoder (kl_f4, 55M) composes and runs debug=fast end to end on 128px images."""
+    write_imagefolder(tmp_path / "in100")
+    run = tmp_path / "run"
+    proc = run_cli(["experiment=imagenet100_autoencoder", *FAST, f"data.root={tmp_path / 'in100'}",
+                    "data.num_workers=0", "data.batch_size=2", "trainer.max_steps=2", f"lpips.weights={LPIPS_DIR}",
+                    "task.rfid=false", f"hydra.run.dir={run}"], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["protocol"]["heldout"] == {"dataset": "imagefolder", "split": "validation", "n": 4, "subset_seed": 0,
+                                              "encoding": "posterior mean, decoded, quantised to uint8"}
+    assert results["protocol"]["autoencoder"] == {"parameters": 55_312_063, "factor": 4, "latent_shape": [3, 32, 32]}
+    assert (run / "reconstructions.png").is_file() and (run / "checkpoints" / "last.ckpt").is_file()

@@ -7,11 +7,12 @@ import torch
 from helpers import CONF, compose_cfg, run_cli
 from omegaconf import OmegaConf
 
+from diffusion_lab.autoencoder import TASK_TARGET as AUTOENCODER_TASK
 from diffusion_lab.build import ConfigError, build, build_trainer, make
 from diffusion_lab.classifier import TASK_TARGET
 
 GROUPS = ["data", "model", "schedule", "objective", "sampler", "optimizer", "lr_scheduler", "trainer",
-          "callbacks", "logger", "task", "experiment", "guidance", "classifier", "sweep", "space"]
+          "callbacks", "logger", "task", "experiment", "guidance", "classifier", "autoencoder", "sweep", "space"]
 LATENT = {("space", "autoencoder"), ("space", "diffusers_vae"), ("experiment", "mnist_ldm")}
 
 
@@ -52,6 +53,8 @@ def test_every_choice_composes_and_builds(group, choice, tmp_path):
         with pytest.raises(Exception, match="Missing mandatory value|space.ckpt|space.path"):
             _ = compose_cfg(overrides, tmp_path).model.in_channels
         return
+    if group == "autoencoder":
+        overrides += ["data=mnist", "data.pad_to_32=true", "data.image_size=32"]
     cfg = compose_cfg(overrides, tmp_path)
     if group == "sweep":  # sweep configs only add hydra.sweeper settings (and a task) to any experiment
         assert cfg.get("eval") is not None
@@ -59,6 +62,13 @@ def test_every_choice_composes_and_builds(group, choice, tmp_path):
     if OmegaConf.select(cfg, "task._target_") == TASK_TARGET or group == "classifier":
         net = make(cfg, "classifier")
         assert net(torch.zeros(2, *make(cfg, "data").shape)).shape == (2, cfg.data.num_classes)
+        build_trainer(cfg, tmp_path)
+        return
+    if OmegaConf.select(cfg, "task._target_") == AUTOENCODER_TASK or group == "autoencoder":
+        if OmegaConf.select(cfg, "autoencoder") is not None:
+            with torch.device("meta"):  # kl_f4 / kl_f8 are 55M / 84M: shapes without allocating weights
+                net = make(cfg, "autoencoder")
+            assert (net.in_channels, net.image_size, net.image_size) == tuple(make(cfg, "data").shape)
         build_trainer(cfg, tmp_path)
         return
     if OmegaConf.select(cfg, "guidance._target_", default="").endswith("ClassifierGuidance"):

@@ -78,7 +78,8 @@ class Upsample(nn.Module):
 
 def _mid(channels: int, dropout: float, groups: int, attention: bool) -> nn.Sequential:
     attn = AttnBlock(channels, groups) if attention else nn.Identity()
-    return nn.Sequential(ResBlock(channels, channels, dropout, groups), attn, ResBlock(channels, channels, dropout, groups))
+    return nn.Sequential(ResBlock(channels, channels, dropout, groups), attn,
+                         ResBlock(channels, channels, dropout, groups))
 
 
 def _level(blocks: list[nn.Module], attn: bool, channels: int, groups: int) -> list[nn.Module]:
