@@ -32,11 +32,11 @@ from torch.nn import functional as F
 from diffusion_lab import imageio
 from diffusion_lab.build import ConfigError, build_trainer, load_checkpoint, make, module_state, resolved
 from diffusion_lab.callbacks import EMA, MetricMonitor, SampleMonitor
-from diffusion_lab.data.images import from_uint8, to_uint8
 from diffusion_lab.lpips import LPIPS
 from diffusion_lab.nets.autoencoder import PatchDiscriminator, kl_divergence
 from diffusion_lab.optim import optimizer_config
 from diffusion_lab.report import training_facts, write_report
+from diffusion_lab.spaces import from_uint8, to_uint8
 
 TASK_TARGET = "diffusion_lab.autoencoder.train_autoencoder"
 
