@@ -35,6 +35,7 @@ from diffusion_lab.callbacks import EMA, MetricMonitor, SampleMonitor
 from diffusion_lab.lpips import LPIPS
 from diffusion_lab.nets.autoencoder import PatchDiscriminator, kl_divergence
 from diffusion_lab.optim import optimizer_config
+from diffusion_lab.preflight import setup_data
 from diffusion_lab.report import training_facts, write_report
 from diffusion_lab.spaces import from_uint8, to_uint8
 
@@ -245,12 +246,12 @@ def train_autoencoder(cfg: DictConfig, run_dir: Path, lpips_weight: float = 1.0,
     if not hasattr(datamodule, "real_uint8"):
         raise ConfigError(f"data: {getattr(datamodule, 'name', 'this dataset')} is not images; "
                           "task=train_autoencoder needs image data")
-    datamodule.setup()
+    module = _build(cfg, datamodule, lpips_weight, kl_weight, disc_start, disc_weight, disc_ch, disc_layers)
+    setup_data(cfg, datamodule)  # missing or unreadable files: one line
     try:  # the held-out images, before any training: a missing split must not cost a run
         real = datamodule.real_uint8(eval_split, eval_n)
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"task.eval_split={eval_split}: {str(exc).splitlines()[0]}") from exc
-    module = _build(cfg, datamodule, lpips_weight, kl_weight, disc_start, disc_weight, disc_ch, disc_layers)
     _save_resolved_config(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, exclude=(SampleMonitor, MetricMonitor))
     t_fit = time.perf_counter()

@@ -68,6 +68,7 @@ def make_files(root: Path) -> dict[str, str]:
         (cifar / name).write_bytes(b"not a pickle at all")
     f["cifar_garbage"] = str(root / "cifar")
     f["mnist_root"] = os.environ.get("DIFFUSION_LAB_DATA", str(REPO.parent / "shared" / "data"))
+    f["lpips"] = os.environ.get("DIFFUSION_LAB_LPIPS", str(REPO.parent / "shared" / "data" / "weights" / "lpips"))
     foreign = root / "foreign"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("not a run")
