@@ -195,3 +195,18 @@ def test_diffusers_vae_folder_loads_and_round_trips_shapes(tmp_path):
         cfg.space.path = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match="not found"):
         make(cfg, "space")
+
+
+def test_classifiers_stay_in_pixel_or_point_space(ae_ckpt, tmp_path):
+    from diffusion_lab.classifier import train_classifier
+    from diffusion_lab.guidance import ClassifierGuidance
+
+    cfg = compose_cfg(["experiment=mnist_ldm", f"space.ckpt={ae_ckpt}", "task=train_classifier", "classifier=conv",
+                       f"data.root={mnist_fixture(tmp_path / 'data')}"], tmp_path)
+    with pytest.raises(ConfigError, match="^space: task=train_classifier works on pixels or points"):
+        train_classifier(cfg, tmp_path / "run", noisy=True)
+    guidance = ClassifierGuidance.__new__(ClassifierGuidance)  # only the space check, no checkpoint needed
+    guidance.ckpt = "clf.ckpt"
+    space = make(latent_cfg(tmp_path, ae_ckpt), "space")
+    with pytest.raises(ValueError, match="classifier guidance works on pixels or points"):
+        guidance.check(None, None, space)

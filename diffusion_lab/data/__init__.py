@@ -1,4 +1,4 @@
-"""LightningDataModules yielding raw items {"x": uint8 images or points, "cond": labels or None}; the space maps them."""
+"""LightningDataModules yielding raw items {"x": uint8 images or points, "cond"}; the space maps them."""
 
 from diffusion_lab.data.celeba import CelebA64DataModule
 from diffusion_lab.data.imagefolder import ImageFolderDataModule
