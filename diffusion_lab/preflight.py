@@ -106,6 +106,8 @@ def prepare_space(cfg: DictConfig, parts, resume: str | None) -> None:
     if torch.cuda.is_available():  # encoding is the cost here: do it on the accelerator when there is one
         space.to("cuda")
     if dm.cache_latents:
+        # Under DDP each rank runs this before the process group exists: a missing cache is built by every rank
+        # (the same bytes, renamed atomically); after that every rank reads it.
         cache, protocol = load_or_build(dm, space, dm.latent_cache_dir, seed=int(cfg.seed))
         dm.attach_latents(cache)
         if space.scaling == "measured":
