@@ -31,6 +31,21 @@ def check_eval_inputs(ev: DictConfig) -> None:
         load_classifier(ev.judge, key="eval.judge")  # a classifier checkpoint, with an allow-listed config
 
 
+def check_judge(ev: DictConfig, data_shape: tuple[int, ...]) -> None:
+    """The judge classifies decoded samples, so it must take items of the data's shape (a 28x28 MNIST judge
+    cannot score 32x32 padded digits): one dry forward, one line, before any training or sampling."""
+    if not ev.get("judge"):
+        return
+    net, _ = load_classifier(ev.judge, key="eval.judge")
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, *data_shape), torch.zeros(1))
+    except (ValueError, RuntimeError) as exc:
+        msg = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
+        raise ConfigError(f"eval.judge={ev.judge}: does not take this data's items of shape {tuple(data_shape)} "
+                          f"({msg}); train a judge on the same data settings") from exc
+
+
 def judge_metrics(samples: torch.Tensor, labels: torch.Tensor | None, judge: str, names: list[str],
                   datamodule=None) -> tuple[dict, dict]:
     """A clean classifier checkpoint (eval.judge) on the class-requested samples: accuracy per class and,

@@ -27,7 +27,7 @@ from diffusion_lab.build import (
     sample_precision,
 )
 from diffusion_lab.callbacks import EMA
-from diffusion_lab.evaluation import check_eval_inputs, judge_metrics
+from diffusion_lab.evaluation import check_eval_inputs, check_judge, judge_metrics
 from diffusion_lab.guidance import ClassifierGuidance, requested_labels
 from diffusion_lab.guidance import describe as guidance_describe
 from diffusion_lab.preflight import (
@@ -152,6 +152,8 @@ def fit(cfg: DictConfig, run_dir: Path):
     prepare_space(cfg, parts, resume)
     check_fit(cfg, parts)
     check_classes(cfg, parts.datamodule, parts.module)
+    if cfg.get("eval") is not None:
+        check_judge(cfg.eval, tuple(parts.datamodule.shape))
     _save_resolved_config(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir)
     if trainer.is_global_zero:
@@ -274,6 +276,7 @@ def sample(cfg: DictConfig, run_dir: Path, task_name: str = "sample") -> dict:
                 "seed": int(cfg.seed), "title": cfg.get("name") or saved.get("name", ""),
                 **parts.datamodule.domain.protocol(parts.datamodule)}
     setup_data(saved, parts.datamodule)
+    check_judge(cfg.eval, tuple(parts.datamodule.shape))
     return generate_and_evaluate(module, parts.datamodule, cfg, run_dir, protocol, sampler=sampler, wall_start=t0)
 
 
