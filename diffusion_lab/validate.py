@@ -138,7 +138,8 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first bad value (table order), naming the key and what was expected."""
     for key, (what, present) in SPACE_INPUTS.items():
         node, _, leaf = key.rpartition(".")
-        if OmegaConf.select(cfg, node) is None or leaf not in OmegaConf.select(cfg, node):
+        parent = OmegaConf.select(cfg, node)
+        if not isinstance(parent, DictConfig) or leaf not in parent.keys():  # `in` is False for ??? values
             continue
         if OmegaConf.is_missing(OmegaConf.select(cfg, node), leaf):
             raise ConfigError(f"{key}: missing; expected {what} ({key}=<path>)")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import REPO, run_cli
+from helpers import REPO, run_cli, write_autoencoder_ckpt
 
 TABLE = yaml.safe_load((Path(__file__).parent / "bad_inputs.yaml").read_text())["cases"]
 BASE = ["callbacks=minimal", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
@@ -68,6 +68,7 @@ def make_files(root: Path) -> dict[str, str]:
         (cifar / name).write_bytes(b"not a pickle at all")
     f["cifar_garbage"] = str(root / "cifar")
     f["mnist_root"] = os.environ.get("DIFFUSION_LAB_DATA", str(REPO.parent / "shared" / "data"))
+    f["ae"] = str(write_autoencoder_ckpt(root / "ae.ckpt"))  # a 1x32x32 -> 4x8x8 KL-autoencoder
     f["lpips"] = os.environ.get("DIFFUSION_LAB_LPIPS", str(REPO.parent / "shared" / "data" / "weights" / "lpips"))
     foreign = root / "foreign"
     foreign.mkdir()

@@ -120,13 +120,6 @@ def test_cached_latents_equal_on_the_fly_encoding_and_the_cache_is_hit(ae_ckpt, 
     assert torch.allclose(other["posterior"], cache["posterior"], atol=1e-6)
 
 
-def test_latent_cache_rejects_a_pixel_space(tmp_path):
-    root = mnist_fixture(tmp_path / "data")
-    r = run_cli(["experiment=mnist_ldm_pixels", f"data.root={root}", "data.cache_latents=true", "debug=fast",
-                 f"hydra.run.dir={tmp_path / 'run'}", *FAST])
-    assert r.returncode == 2 and "data.cache_latents=true: only a latent space" in r.stderr.strip().splitlines()[-1]
-
-
 def test_latent_run_records_the_autoencoder_and_refuses_another(ae_ckpt, tmp_path):
     root = mnist_fixture(tmp_path / "data")
     run = tmp_path / "run"
@@ -159,15 +152,6 @@ def test_latent_run_records_the_autoencoder_and_refuses_another(ae_ckpt, tmp_pat
     assert r.returncode == 2 and len(lines) == 1 and "sha256" in lines[0] and "ckpt=" in lines[0]
     assert not (refused / "results.json").exists()
     write_autoencoder_ckpt(ae_ckpt)  # restore the module fixture for later tests
-
-
-def test_a_space_that_does_not_fit_the_data_is_one_line(ae_ckpt, tmp_path):
-    root = mnist_fixture(tmp_path / "data")
-    r = run_cli(["experiment=mnist_ldm", f"space.ckpt={ae_ckpt}", f"data.root={root}", "data.pad_to_32=false",
-                 "data.image_size=28", "debug=fast", f"hydra.run.dir={tmp_path / 'run'}", *FAST])
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1
-    assert "encodes items of shape (1, 32, 32), but data mnist gives (1, 28, 28)" in lines[0]
 
 
 def test_diffusers_vae_folder_loads_and_round_trips_shapes(tmp_path):
