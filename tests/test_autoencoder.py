@@ -40,6 +40,9 @@ def _example(name: str) -> torch.Tensor:
     return torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1  # lpips.im2tensor's [-1, 1]
 
 
+COVERED = {"mnist_autoencoder", "imagenet100_autoencoder"}  # experiments run end to end here (test_runs checks)
+
+
 @needs_lpips
 @pytest.mark.parametrize("net,expected", [("alex", (0.721881, 0.137566)), ("vgg", (0.568613, 0.421664))])
 def test_lpips_reproduces_the_reference_distances(net, expected):

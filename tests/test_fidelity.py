@@ -96,7 +96,7 @@ def test_unknown_metric_is_refused():
 @needs_weights
 @needs_mnist
 def test_reference_cache_is_hit_on_the_second_evaluation(tmp_path, mnist):
-    from diffusion_lab.evaluation import image_fidelity
+    from diffusion_lab.domains import image_fidelity
 
     cfg = compose_cfg(["experiment=mnist_ddpm", f"data.root={MNIST_ROOT}", "eval.metrics=[fid,kid]",
                        f"eval.fidelity.weights={WEIGHTS}", f"eval.fidelity.cache_dir={tmp_path / 'cache'}"])

@@ -225,8 +225,10 @@ def test_states_classifier_run_writes_checkpoint_metrics_and_prediction_map(stat
     # read-back: the reloaded net reproduces the reported clean accuracy
     from diffusion_lab.classifier import accuracy
     from diffusion_lab.data import StatesDataModule
+    from diffusion_lab.spaces import PointSpace
 
-    assert accuracy(net, *StatesDataModule().labelled("heldout")) == pytest.approx(res["metrics"]["accuracy"])
+    held = StatesDataModule().labelled("heldout")
+    assert accuracy(net, *held, PointSpace(2)) == pytest.approx(res["metrics"]["accuracy"])
 
 
 def test_states_guided_end_to_end(states_runs, tmp_path):

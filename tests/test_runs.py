@@ -12,17 +12,22 @@ from helpers import CONF, FAST, run_cli
 ALL_EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 IMAGE_EXPERIMENTS = {"mnist_ddpm", "mnist_denoiser", "cifar10_ddpm", "celeba64_ddpm"}  # test_image_runs.py
 GUIDANCE_EXPERIMENTS = {"states_classifier", "states_guided", "mnist_classifier", "mnist_cfg"}  # test_guidance.py
-EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e not in IMAGE_EXPERIMENTS | GUIDANCE_EXPERIMENTS]
+LATENT_EXPERIMENTS = {"mnist_ldm", "mnist_ldm_pixels",  # test_spaces.py
+                      "mnist_autoencoder", "imagenet100_autoencoder"}  # test_autoencoder.py
+EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e not in IMAGE_EXPERIMENTS | GUIDANCE_EXPERIMENTS | LATENT_EXPERIMENTS]
 TINY = [*FAST, "trainer.max_steps=20", "eval.n_samples=300", "timesteps=50", "sampler.steps=20",
         "callbacks.checkpoint.every_n_train_steps=10"]
 
 
 def test_every_experiment_is_covered_by_an_end_to_end_test():
+    from test_autoencoder import COVERED as AUTOENCODER_COVERED
     from test_guidance import COVERED as GUIDANCE_COVERED
     from test_image_runs import COVERED
+    from test_spaces import COVERED as SPACES_COVERED
 
     assert IMAGE_EXPERIMENTS == COVERED and GUIDANCE_EXPERIMENTS == GUIDANCE_COVERED
-    assert set(EXPERIMENTS) | IMAGE_EXPERIMENTS | GUIDANCE_EXPERIMENTS == set(ALL_EXPERIMENTS)
+    assert LATENT_EXPERIMENTS == SPACES_COVERED | AUTOENCODER_COVERED
+    assert set(EXPERIMENTS) | IMAGE_EXPERIMENTS | GUIDANCE_EXPERIMENTS | LATENT_EXPERIMENTS == set(ALL_EXPERIMENTS)
 
 
 def read_results(run_dir: Path) -> dict:

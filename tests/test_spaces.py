@@ -19,6 +19,7 @@ from diffusion_lab.preflight import prepare_space
 from diffusion_lab.spaces import AutoencoderSpace, PixelSpace, PointSpace, from_uint8, to_uint8
 
 SMALL_UNET = ["model.ch=32", "model.num_res_blocks=1"]
+COVERED = {"mnist_ldm", "mnist_ldm_pixels"}  # experiments run end to end here (test_runs checks)
 
 
 def mnist_fixture(root: Path, n: int = 40) -> Path:
@@ -124,8 +125,9 @@ def test_latent_run_records_the_autoencoder_and_refuses_another(ae_ckpt, tmp_pat
     root = mnist_fixture(tmp_path / "data")
     run = tmp_path / "run"
     common = [f"data.root={root}", f"data.latent_cache_dir={tmp_path / 'latents'}", *SMALL_UNET]
+    # data.cache_latents=false: this run encodes every batch on the fly (the cache path is tested above)
     r = run_cli(["experiment=mnist_ldm", f"space.ckpt={ae_ckpt}", "debug=fast", "eval.metrics=[]",
-                 f"hydra.run.dir={run}", *common, *FAST])
+                 "data.cache_latents=false", f"hydra.run.dir={run}", *common, *FAST])
     assert r.returncode == 0, r.stderr[-2000:]
     results = json.loads((run / "results.json").read_text())
     space = results["protocol"]["space"]
@@ -134,6 +136,7 @@ def test_latent_run_records_the_autoencoder_and_refuses_another(ae_ckpt, tmp_pat
 
     assert space["autoencoder_sha256"] == file_sha256(ae_ckpt)
     assert space["latent_scaling"]["scaling"] == "measured" and len(space["latent_scaling"]["scale"]) == 4
+    assert space["latent_scaling"]["source"].startswith("40 training images")  # measured without a cache
     assert results["metrics"]["n_images"] == 10 * results["protocol"]["n_per_class"]  # decoded pixels
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["space"]["sha256"] == file_sha256(ae_ckpt)
@@ -152,6 +155,16 @@ def test_latent_run_records_the_autoencoder_and_refuses_another(ae_ckpt, tmp_pat
     assert r.returncode == 2 and len(lines) == 1 and "sha256" in lines[0] and "ckpt=" in lines[0]
     assert not (refused / "results.json").exists()
     write_autoencoder_ckpt(ae_ckpt)  # restore the module fixture for later tests
+
+
+def test_pixel_twin_runs_end_to_end(tmp_path):
+    root = mnist_fixture(tmp_path / "data")
+    run = tmp_path / "run"
+    r = run_cli(["experiment=mnist_ldm_pixels", "debug=fast", "eval.metrics=[]", f"data.root={root}",
+                 f"hydra.run.dir={run}", *SMALL_UNET, *FAST])
+    assert r.returncode == 0, r.stderr[-2000:]
+    protocol = json.loads((run / "results.json").read_text())["protocol"]
+    assert protocol["space"] == {"space": "PixelSpace", "shape": [1, 32, 32]} and protocol["classes"]
 
 
 def test_diffusers_vae_folder_loads_and_round_trips_shapes(tmp_path):
