@@ -8,7 +8,7 @@ STATES is the CSE849 2D toy (five US state outlines arranged on a circle), re-de
 public-domain Census outlines; the built set ships as ``assets/states.npz``. Rebuild it with::
 
     python -m diffusion_lab.data.points build-states \
-        --outlines /work/shared/data/states/state_outlines.json --out diffusion_lab/data/assets/states.npz
+        --outlines ../shared/data/states/state_outlines.json --out diffusion_lab/data/assets/states.npz
 """
 
 from __future__ import annotations
