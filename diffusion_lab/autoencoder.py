@@ -17,7 +17,6 @@ autoencoder later needs neither it nor the discriminator.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,14 +29,14 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from diffusion_lab import imageio
-from diffusion_lab.build import ConfigError, build_trainer, load_checkpoint, make, module_state, resolved
+from diffusion_lab.build import ConfigError, build_trainer, load_task_net, make, resolved
 from diffusion_lab.callbacks import EMA, MetricMonitor, SampleMonitor
 from diffusion_lab.lpips import LPIPS
 from diffusion_lab.nets.autoencoder import PatchDiscriminator, kl_divergence
 from diffusion_lab.optim import optimizer_config
 from diffusion_lab.preflight import setup_data
 from diffusion_lab.report import training_facts, write_report
-from diffusion_lab.spaces import from_uint8, to_uint8
+from diffusion_lab.spaces import file_sha256, from_uint8, to_uint8
 
 TASK_TARGET = "diffusion_lab.autoencoder.train_autoencoder"
 
@@ -132,29 +131,13 @@ class AutoencoderModule(L.LightningModule):
         checkpoint["config"] = self.config
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_autoencoder(path: str | Path, key: str = "ckpt", use_ema: bool = True) -> tuple[nn.Module, dict]:
     """A train_autoencoder checkpoint -> (frozen KLAutoencoder in eval mode on the CPU, info with path, sha256 of
     the file, step and the `autoencoder` config node). weights_only + allow-listed config: no code runs."""
-    ckpt = load_checkpoint(path, key=key)
-    cfg = OmegaConf.create(ckpt["config"])
-    target = OmegaConf.select(cfg, "task._target_")
-    if target != TASK_TARGET:
-        raise ConfigError(f"{key}={path}: not an autoencoder checkpoint (written by task {target}); expected one "
-                          "from task=train_autoencoder")
-    net = make(cfg, "autoencoder")
-    state, _ = module_state(ckpt, use_ema)
-    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
-    info = {"path": str(Path(path).resolve()), "sha256": _sha256(Path(path)), "step": ckpt.get("global_step"),
+    net, cfg, ckpt = load_task_net(path, key, TASK_TARGET, "autoencoder", "an autoencoder", use_ema)
+    info = {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "step": ckpt.get("global_step"),
             "config": OmegaConf.to_container(cfg.autoencoder, resolve=True)}
-    return net.eval().requires_grad_(False), info
+    return net, info
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from diffusion_lab.errors import ConfigError
 from diffusion_lab.lit import DiffusionModule
 from diffusion_lab.safety import check_stored_config
 
-__all__ = ["ConfigError", "build", "load_checkpoint", "make", "make_space", "module_state"]
+__all__ = ["ConfigError", "build", "load_checkpoint", "load_task_net", "make", "make_space", "module_state"]
 
 
 
@@ -169,6 +169,23 @@ def load_checkpoint(path: str | Path, key: str = "ckpt") -> dict:
         raise ConfigError(f"{key}={path}: not a diffusion_lab checkpoint (missing state_dict or config)")
     check_stored_config(ckpt["config"], f"{key}={path}")
     return ckpt
+
+
+def load_task_net(path: str | Path, key: str, task_target: str, node: str, what: str,
+                  use_ema: bool = True) -> tuple[torch.nn.Module, DictConfig, dict]:
+    """The `node` net of a checkpoint written by `task_target` (a classifier, an autoencoder): refuses other
+    tasks' checkpoints in one line, loads its `net.` weights (EMA when there are) -> (frozen net in eval mode on
+    the CPU, the stored config, the checkpoint)."""
+    ckpt = load_checkpoint(path, key=key)
+    cfg = OmegaConf.create(ckpt["config"])
+    target = OmegaConf.select(cfg, "task._target_")
+    if target != task_target:
+        raise ConfigError(f"{key}={path}: not {what} checkpoint (written by task {target}); expected one from "
+                          f"task={task_target.rsplit('.', 1)[-1]}")
+    net = make(cfg, node)
+    state, _ = module_state(ckpt, use_ema)
+    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
+    return net.eval().requires_grad_(False), cfg, ckpt
 
 
 def module_state(ckpt: dict, use_ema: bool) -> tuple[dict, bool]:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from diffusion_lab import plots
-from diffusion_lab.build import ConfigError, build_trainer, load_checkpoint, make, make_space, module_state, resolved
+from diffusion_lab.build import ConfigError, build_trainer, load_task_net, make, make_space, resolved
 from diffusion_lab.callbacks import SampleMonitor
 from diffusion_lab.optim import optimizer_config
 from diffusion_lab.report import training_facts, write_report
@@ -104,18 +104,10 @@ def accuracy(net: nn.Module, x: Tensor, y: Tensor, space: Space, schedule: Noise
 def load_classifier(path: str | Path, use_ema: bool = True, key: str = "ckpt") -> tuple[nn.Module, dict]:
     """A classifier checkpoint -> (net in eval mode on the CPU, info); weights_only and an allow-listed stored
     config, so no code from the file is executed. `key` names the config key the path came from in errors."""
-    ckpt = load_checkpoint(path, key=key)
-    cfg = OmegaConf.create(ckpt["config"])
-    target = OmegaConf.select(cfg, "task._target_")
-    if target != TASK_TARGET:
-        raise ConfigError(f"{key}={path}: not a classifier checkpoint (written by task {target}); expected one "
-                          "from task=train_classifier")
-    net = make(cfg, "classifier")
-    state, _ = module_state(ckpt, use_ema)
-    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
+    net, cfg, ckpt = load_task_net(path, key, TASK_TARGET, "classifier", "a classifier", use_ema)
     info = {"noisy": bool(cfg.task.get("noisy", True)), "schedule": make(cfg, "schedule").describe(),
             "step": ckpt.get("global_step"), "num_classes": int(cfg.data.num_classes), "config": cfg}
-    return net.eval().requires_grad_(False), info
+    return net, info
 
 
 def train_classifier(cfg: DictConfig, run_dir: Path, noisy: bool = True,

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.spaces import ChannelMoments
 
 log = logging.getLogger("diffusion_lab")
 FORMAT = 1  # bump when the file layout changes: old files then miss instead of misreading
@@ -40,25 +41,20 @@ def build_cache(datamodule, space, split: str = "train", seed: int = 0) -> dict:
     and the measured per-channel shift/scale of one posterior draw per stored posterior (flips included)}."""
     parts, labels = [], []
     g = torch.Generator().manual_seed(seed)
-    total = total_sq = 0
-    count = 0
+    moments = ChannelMoments()
     for u8, y in datamodule.iter_uint8(split):
         views = [u8, u8.flip(-1)] if datamodule.hflip else [u8]
         post = []
         for view in views:
             mean, std = space.posterior(view)
-            z = mean + std * torch.randn(mean.shape, generator=g).to(mean.device)
-            total = total + z.double().sum((0, 2, 3))
-            total_sq = total_sq + (z.double() ** 2).sum((0, 2, 3))
-            count += z.shape[0] * z.shape[2] * z.shape[3]
+            moments.add(mean + std * torch.randn(mean.shape, generator=g).to(mean.device))
             post.append(torch.stack([mean, std], 1).cpu())  # (B, 2, C, h, w)
         parts.append(torch.stack(post, 1))  # (B, F, 2, C, h, w)
         if y is not None:
             labels.append(y)
-    mean = total / count
-    std = (total_sq / count - mean**2).clamp(min=1e-12).sqrt()
+    shift, scale = moments.result()
     return {"posterior": torch.cat(parts), "labels": torch.cat(labels) if labels else None,
-            "shift": mean.float(), "scale": std.float()}
+            "shift": shift.float(), "scale": scale.float()}
 
 
 def load_or_build(datamodule, space, cache_dir: str | Path, split: str = "train", seed: int = 0) -> tuple[dict, dict]:

@@ -45,6 +45,25 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+class ChannelMoments:
+    """Running per-channel mean and population std of (B, C, ...) tensors, summed in float64 (the latent
+    scaling, measured on the fly or while the latent cache is built)."""
+
+    def __init__(self):
+        self.total = self.total_sq = 0
+        self.count = 0
+
+    def add(self, z: Tensor) -> None:
+        z = z.double()
+        dims = (0, *range(2, z.ndim))
+        self.total, self.total_sq = self.total + z.sum(dims), self.total_sq + (z**2).sum(dims)
+        self.count += z.numel() // z.shape[1]
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        mean = self.total / self.count
+        return mean, (self.total_sq / self.count - mean**2).clamp(min=1e-12).sqrt()
+
+
 class Space:
     """Identity on model tensors; subclasses say how raw items get there and back."""
 
@@ -204,16 +223,11 @@ class LatentSpace(Space):
         """Latent scaling from training images (uint8), one seeded posterior draw each: per-channel mean and
         population std over images and positions (float64 sums)."""
         g = torch.Generator().manual_seed(seed)
-        total = total_sq = 0
-        count = 0
+        moments = ChannelMoments()
         for batch in images.split(self.encode_batch_size):
             mean, std = self.posterior(batch)
-            z = (mean + std * torch.randn(mean.shape, generator=g).to(mean.device)).double()
-            total, total_sq = total + z.sum((0, 2, 3)), total_sq + (z**2).sum((0, 2, 3))
-            count += z.shape[0] * z.shape[2] * z.shape[3]
-        mu = total / count
-        self.set_scaling(mu, (total_sq / count - mu**2).clamp(min=1e-12).sqrt(),
-                         f"{len(images)} training images (seed {seed}), one posterior draw each")
+            moments.add(mean + std * torch.randn(mean.shape, generator=g).to(mean.device))
+        self.set_scaling(*moments.result(), f"{len(images)} training images (seed {seed}), one posterior draw each")
 
     def state(self) -> dict:
         return {"type": type(self).__name__, "sha256": self.sha256, "source": str(self.source),
