@@ -19,7 +19,7 @@ from diffusion_lab import samplers as S
 from diffusion_lab import schedules as SC
 from diffusion_lab.classifier import load_classifier
 from diffusion_lab.metrics import class_metrics, kde_nll
-from diffusion_lab.nets import MLP, ConvClassifier, MLPClassifier, SimpleUNet, UNet
+from diffusion_lab.nets import MLP, ConvClassifier, DiT, MLPClassifier, SimpleUNet, UNet
 
 COVERED = {"states_classifier", "states_guided", "mnist_classifier", "mnist_cfg"}  # run end to end below
 
@@ -162,10 +162,12 @@ def test_every_net_takes_labels_and_the_null_label():
     nets = [(MLP(2, hidden=16, depth=2, num_classes=3), torch.randn(4, 2)),
             (SimpleUNet(1, hidden=8, num_classes=3, image_size=8), torch.randn(4, 1, 8, 8)),
             (UNet(in_channels=1, image_size=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                  num_classes=3), torch.randn(4, 1, 8, 8))]
+                  num_classes=3), torch.randn(4, 1, 8, 8)),
+            (DiT(2, 8, 2, size=None, depth=1, hidden_size=16, num_heads=2, num_classes=3), torch.randn(4, 2, 8, 8))]
     t = torch.full((4,), 0.3)
-    for p in nets[2][0].parameters():  # the U-Net zero-initialises its output conv (Ho et al.)
-        torch.nn.init.normal_(p, std=0.1) if not p.any() else None
+    for net, _ in nets[2:]:  # the U-Net zero-initialises its output conv (Ho et al.), the DiT its adaLN-Zero layers
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.1) if not p.any() else None
     for net, x in nets:
         net.eval()
         outs = [net(x, t, torch.full((4,), c)) for c in (0, 1, -1)]

@@ -3,8 +3,9 @@ the KL-autoencoder of latent diffusion (encode / decode) and its PatchGAN discri
 
 from diffusion_lab.nets.autoencoder import KLAutoencoder, PatchDiscriminator
 from diffusion_lab.nets.classifier import ConvClassifier, MLPClassifier
+from diffusion_lab.nets.dit import DiT
 from diffusion_lab.nets.mlp import MLP
 from diffusion_lab.nets.simple_unet import SimpleUNet
 from diffusion_lab.nets.unet import UNet
 
-__all__ = ["KLAutoencoder", "PatchDiscriminator", "MLP", "ConvClassifier", "MLPClassifier", "SimpleUNet", "UNet"]
+__all__ = ["KLAutoencoder", "PatchDiscriminator", "DiT", "MLP", "ConvClassifier", "MLPClassifier", "SimpleUNet", "UNet"]
