@@ -19,7 +19,7 @@ from diffusion_lab.preflight import prepare_space
 from diffusion_lab.spaces import AutoencoderSpace, PixelSpace, PointSpace, from_uint8, to_uint8
 
 SMALL_UNET = ["model.ch=32", "model.num_res_blocks=1"]
-COVERED = {"mnist_ldm", "mnist_ldm_pixels"}  # experiments run end to end here (test_runs checks)
+COVERED = {"mnist_ldm", "mnist_ldm_pixels", "mnist_dit", "mnist_dit_latent"}  # run end to end here (test_runs checks)
 
 
 def mnist_fixture(root: Path, n: int = 40) -> Path:
@@ -165,6 +165,47 @@ def test_pixel_twin_runs_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     protocol = json.loads((run / "results.json").read_text())["protocol"]
     assert protocol["space"] == {"space": "PixelSpace", "shape": [1, 32, 32]} and protocol["classes"]
+
+
+@pytest.mark.slow  # ~60 s on 2 cores: four training runs; the DiT-on-latents cell runs in the default suite below
+def test_backbones_sweep_runs_its_four_cells_at_one_budget(ae_ckpt, tmp_path):
+    """sweep=mnist_backbones: U-Net / DiT x pixels / latents as one multirun (one process), every cell with the
+    sweep's wall-clock budget and warm-up-then-constant learning rate, collected into one table."""
+    from diffusion_lab.sweeps import collect
+
+    root = mnist_fixture(tmp_path / "data")
+    out = tmp_path / "sweep"
+    r = run_cli(["-m", "sweep=mnist_backbones", f"autoencoder_ckpt={ae_ckpt}", "budget=00:00:30:00", "debug=fast",
+                 "eval.metrics=[]", f"hydra.sweep.dir={out}", *FAST],
+                # the base config (experiment=states) has no data.root: the MNIST cells read the env roots
+                env={"DIFFUSION_LAB_DATA": str(root), "DIFFUSION_LAB_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = sorted(p.parent for p in out.glob("*/results.json"))
+    assert len(jobs) == 4
+    seen = set()
+    for job in jobs:
+        cfg = __import__("yaml").safe_load((job / "config.yaml").read_text())
+        assert cfg["trainer"]["max_time"] == "00:00:30:00" and cfg["trainer"]["max_steps"] == 4  # debug=fast caps
+        assert cfg["lr_scheduler"]["min_factor"] == 1.0
+        protocol = json.loads((job / "results.json").read_text())["protocol"]
+        seen.add((cfg["model"]["_target_"].rsplit(".", 1)[1], protocol["space"]["space"]))
+        assert protocol["guidance"] == "classifier_free" and protocol["sampler"] == "ddim"
+    assert seen == {("UNet", "PixelSpace"), ("DiT", "PixelSpace"), ("UNet", "AutoencoderSpace"),
+                    ("DiT", "AutoencoderSpace")}
+    summary = collect(out, "judge_accuracy")
+    assert summary["status"]["ok"] == 4
+
+
+def test_dit_on_latents_runs_end_to_end(ae_ckpt, tmp_path):
+    root = mnist_fixture(tmp_path / "data")
+    run = tmp_path / "run"
+    r = run_cli(["experiment=mnist_dit_latent", f"space.ckpt={ae_ckpt}", "debug=fast", "eval.metrics=[]",
+                 f"data.root={root}", f"data.latent_cache_dir={tmp_path / 'latents'}", f"hydra.run.dir={run}", *FAST])
+    assert r.returncode == 0, r.stderr[-2000:]
+    protocol = json.loads((run / "results.json").read_text())["protocol"]
+    assert protocol["space"]["space"] == "AutoencoderSpace" and protocol["guidance"] == "classifier_free"
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert any(k.startswith("net.blocks.5.") for k in state)  # dit_latent's six transformer blocks
 
 
 def test_diffusers_vae_folder_loads_and_round_trips_shapes(tmp_path):
