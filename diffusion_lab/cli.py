@@ -198,6 +198,11 @@ def run_task(cfg: DictConfig):
     print(f"results.json: {run_dir / 'results.json'}")
     for key, value in metrics.items():
         print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+    spent = results.get("protocol", {}).get("compute")
+    if spent:
+        from diffusion_lab.compute import summary_line  # torch stays out of the early-error path
+
+        print(f"  compute: {summary_line(spent)}")
     return _sweep_value(cfg, metrics)
 
 

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from diffusion_lab import compute
 from diffusion_lab.errors import RunError
 from diffusion_lab.objectives import Objective
 from diffusion_lab.optim import optimizer_config
@@ -84,6 +85,8 @@ class DiffusionModule(L.LightningModule):
         self.guidance, self.sample_precision = guidance, sample_precision
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
+        # samples fed and training seconds over every launch of this run (checkpoint["compute"])
+        self.ledger = compute.TrainingLedger()
 
     def on_fit_start(self) -> None:
         # Small datasets live on the training device: batches are then index draws, no H2D copies.
@@ -124,9 +127,13 @@ class DiffusionModule(L.LightningModule):
                                      "no checkpoint was written with it")
         else:
             self._consecutive = 0
+        self.ledger.count(x0.shape[0])  # a host int: the batch's shape is known without a sync
         self.log("train/loss", loss, prog_bar=True)
         if not self._is_log_step():  # self.log costs ~0.7 ms a call: a fifth of a small model's step
             return loss
+        # training FLOPs so far (3 x forward x samples, compute.py) next to the loss, read against compute
+        self.log("compute/train_flops", float(compute.train_flops(
+            compute.module_forward_flops(self), self.ledger.samples(self.trainer.world_size))))
         # Loss per timestep quartile: where in t the model is still bad (t=0 data, t=1 noise).
         quartile = (t * 4).ceil().clamp(1, 4).long() - 1
         sums = torch.zeros(4, device=t.device).index_add_(0, quartile, per_sample.detach().float())
@@ -158,6 +165,8 @@ class DiffusionModule(L.LightningModule):
                              "and no fp16 GradScaler")
         self._deferred = self.nonfinite_check == "deferred" or (
             self.nonfinite_check == "auto" and usable and self.device.type != "cpu")
+        self.ledger.start()
+        compute.module_forward_flops(self)  # one batch-1 forward under the FLOP counter, kept for the run
 
     def _flag_nonfinite(self, bad: Tensor) -> None:
         """Deferred check, no host sync: the fused step skips the update where `bad`, counters stay on
@@ -209,6 +218,7 @@ class DiffusionModule(L.LightningModule):
                                      "in all); the run is diverging (lower optimizer.lr or check the data)")
 
     def on_train_end(self) -> None:
+        self.ledger.stop()
         self._check_nonfinite(final=True)
         if self._skips:
             # per-step check: skipped batches do not advance global_step; deferred: the fused step skips on device
@@ -308,6 +318,8 @@ class DiffusionModule(L.LightningModule):
             self._check_nonfinite()  # deferred check: a checkpoint is never written after a bad step
         checkpoint["config"] = self.config
         checkpoint["space"] = self.space.state()  # latent scaling + autoencoder sha256: decode like this run
+        if self._trainer is not None:
+            checkpoint["compute"] = self.ledger.state(self.trainer)  # samples seen, training seconds so far
         # Global RNG (t and eps draws, dropout) so a resumed run continues the same random stream.
         checkpoint["rng"] = {"torch": torch.get_rng_state(),
                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -315,6 +327,7 @@ class DiffusionModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if checkpoint.get("space"):
             self.space.load_state(checkpoint["space"])
+        self.ledger.load(checkpoint.get("compute"))
         rng = checkpoint.get("rng")
         if rng is not None:
             torch.set_rng_state(rng["torch"])

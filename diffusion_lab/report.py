@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from diffusion_lab.compute import trainer_scale
+
 
 def _fmt(value) -> str:
     if isinstance(value, float):
@@ -36,11 +38,11 @@ def read_scalars(run_dir: Path, tag: str) -> tuple[list, list]:
     return steps, values
 
 
-def training_facts(trainer, net: torch.nn.Module, batch_size: int, train_seconds: float, run_dir: Path) -> dict:
-    """Model size, effective batch, iterations, epochs, wall time, device-hours, throughput, final loss."""
-    devices = max(1, int(getattr(trainer, "num_devices", 1) or 1)) * max(1, int(getattr(trainer, "num_nodes", 1) or 1))
-    accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-    accelerator = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
+def training_facts(trainer, net: torch.nn.Module, batch_size: int, train_seconds: float, run_dir: Path,
+                   spent: dict | None = None) -> dict:
+    """Model size, effective batch, iterations, epochs, wall time, device-hours, throughput, final loss and the
+    compute spent (protocol["compute"]: FLOPs per forward, training and sampling FLOPs)."""
+    devices, accumulate, accelerator = trainer_scale(trainer)
     hours = train_seconds * devices / 3600
     _, throughput = read_scalars(run_dir, "train/samples_per_sec")
     _, losses = read_scalars(run_dir, "train/loss")
@@ -57,7 +59,18 @@ def training_facts(trainer, net: torch.nn.Module, batch_size: int, train_seconds
         "throughput_samples_per_sec_median": round(statistics.median(throughput), 1) if throughput else None,
         "final_loss_mean_last_10pct": round(statistics.fmean(tail), 6) if tail else None,
         "precision": str(trainer.precision),
+        **_compute_facts(spent or {}),
     }
+
+
+def _compute_facts(spent: dict) -> dict:
+    """The report's compute rows (1 multiply-add = 1 FLOP, see compute.py)."""
+    flops = {k: float(spent[k]) for k in ("train_flops", "sampling_flops") if k in spent}  # shown as 1.2e+09
+    rows = {"forward_GFLOPs_per_sample": spent.get("forward_gflops"), "training_FLOPs": flops.get("train_flops"),
+            "samples_seen": spent.get("samples_seen"), "sampling_FLOPs": flops.get("sampling_flops"),
+            "sampling_NFE_x_CFG_factor": (f"{spent['nfe']} x {spent['cfg_factor']}" if "nfe" in spent else None),
+            "FLOP_convention": spent.get("counter")}
+    return {k: v for k, v in rows.items() if v is not None}
 
 
 def write_report(run_dir: Path, title: str, facts: dict, results: dict, images: dict[str, str]) -> Path:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab import plots
+from diffusion_lab import compute, plots
 from diffusion_lab.build import (
     ConfigError,
     build,
@@ -105,8 +105,11 @@ def generate_and_evaluate(module, datamodule, cfg: DictConfig, run_dir: Path, pr
         judged, judge_protocol = judge_metrics(samples, labels, ev.judge, names, datamodule)
         metrics |= judged
         extra_protocol |= judge_protocol
-    protocol = {**protocol, "space": module.space.describe(), **_sampler_protocol(sampler, module),
+    sampling = _sampler_protocol(sampler, module)
+    spent = compute.sampling(module, sampling["nfe"], n_total, guidance, labelled=labels is not None)
+    protocol = {**protocol, "backbone": type(module.net).__name__, "space": module.space.describe(), **sampling,
                 **guidance_describe(guidance), **extra_protocol,
+                "compute": {**protocol.get("compute", {}), **spent},
                 "classes": groups or None, "n_samples": n_total,
                 **({"n_per_class": n} if labels is not None else {}),
                 "sample_seed": int(ev.seed), "sample_precision": module.sample_precision or "fp32",
@@ -178,15 +181,20 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     parts, trainer, train_seconds = fit(cfg, run_dir)
     uses_ema = any(isinstance(c, EMA) for c in trainer.callbacks)
     last = run_dir / "checkpoints" / "last.ckpt"
+    module = parts.module
+    devices, _, accelerator = compute.trainer_scale(trainer)
+    spent = compute.training(module.net, compute.module_forward_flops(module), trainer.global_step,
+                             module.ledger.samples(trainer.world_size), module.ledger.seconds(), devices, accelerator)
     protocol = {"task": "train", "checkpoint": str(last), "step": trainer.global_step, "ema": uses_ema,
                 "world_size": trainer.world_size,
                 "seed": int(cfg.seed), "train_seconds": round(train_seconds, 2), "title": cfg.get("name", ""),
-                **parts.datamodule.domain.protocol(parts.datamodule)}
+                **parts.datamodule.domain.protocol(parts.datamodule), "compute": spent}
     results = generate_and_evaluate(parts.module, parts.datamodule, cfg, run_dir, protocol, wall_start=t0)
     if not trainer.is_global_zero:  # DDP: the other ranks drew their share of the samples; rank 0 writes
         return results
     _log_final(trainer, results, run_dir)
-    facts = training_facts(trainer, parts.module.net, int(cfg.data.batch_size), train_seconds, run_dir)
+    facts = training_facts(trainer, parts.module.net, int(cfg.data.batch_size), train_seconds, run_dir,
+                           results["protocol"]["compute"])
     write_report(run_dir, f"{cfg.get('name', 'run')}: training report", facts, results,
                  {"Loss curve": "loss_curve.png", "Samples (EMA weights)": "samples.png",
                   "Samples per class": "samples_per_class.png", "Denoising trajectory": "trajectory.png"})
@@ -274,10 +282,31 @@ def sample(cfg: DictConfig, run_dir: Path, task_name: str = "sample") -> dict:
         module.sample_precision = sample_precision(cfg)
     protocol = {"task": task_name, "checkpoint": str(cfg.ckpt), "step": ckpt.get("global_step"), "ema": used_ema,
                 "seed": int(cfg.seed), "title": cfg.get("name") or saved.get("name", ""),
-                **parts.datamodule.domain.protocol(parts.datamodule)}
+                **parts.datamodule.domain.protocol(parts.datamodule),
+                "compute": _checkpoint_compute(module, ckpt, saved)}
     setup_data(saved, parts.datamodule)
     check_judge(cfg.eval, tuple(parts.datamodule.shape))
     return generate_and_evaluate(module, parts.datamodule, cfg, run_dir, protocol, sampler=sampler, wall_start=t0)
+
+
+def _checkpoint_compute(module, ckpt: dict, saved: DictConfig) -> dict:
+    """The training half of protocol["compute"] for a checkpoint: what it recorded (samples seen, training time
+    over all its launches), else (checkpoints older than the record) global_step x the saved config's batch x
+    gradient accumulation x devices, marked as an estimate."""
+    step = int(ckpt.get("global_step") or 0)
+    record = ckpt.get("compute")
+    forward = compute.module_forward_flops(module)
+    if record:
+        return compute.training(module.net, forward, step, record["samples_seen"], record.get("train_seconds"),
+                                int(record.get("devices", 1)), record.get("accelerator"))
+    devices = OmegaConf.select(saved, "trainer.devices", default=1)
+    devices = len(devices) if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices) else devices
+    devices = (devices if isinstance(devices, int) else 1) * int(OmegaConf.select(saved, "trainer.num_nodes",
+                                                                                   default=1) or 1)
+    batch = int(OmegaConf.select(saved, "data.batch_size", default=0) or 0)
+    accumulate = int(OmegaConf.select(saved, "trainer.accumulate_grad_batches", default=1) or 1)
+    return {**compute.training(module.net, forward, step, step * batch * accumulate * devices),
+            "samples_seen_source": "estimate: global_step x data.batch_size x accumulate_grad_batches x devices"}
 
 
 def read_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
