@@ -267,8 +267,9 @@ def plot_prediction_maps(predict, reference, labels, ts: Sequence[float], class_
 
 
 def plot_metric_series(series: Mapping[str, Sequence[tuple]], xlabel: str, ylabel: str, numeric: bool = True,
-                       title: str = "") -> Figure:
-    """Sweep results: {label: [(x, y), ...]} as lines over numeric x (sorted), or grouped bars otherwise."""
+                       title: str = "", logx: bool = False) -> Figure:
+    """Sweep results: {label: [(x, y), ...]} as lines over numeric x (sorted; log x for quantities spanning
+    decades, such as training FLOPs), or grouped bars otherwise."""
     fig = _new_figure((6.0, 4.0))
     ax = fig.add_subplot()
     if numeric:
@@ -283,6 +284,8 @@ def plot_metric_series(series: Mapping[str, Sequence[tuple]], xlabel: str, ylabe
             xs = [j + i * width for j, c in enumerate(cats) if c in values]
             ax.bar(xs, [values[c] for c in cats if c in values], width=width, color=f"C{i % 10}", label=label)
         ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(cats))], cats)
+    if numeric and logx:
+        ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if len(series) > 1:

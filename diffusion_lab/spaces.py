@@ -67,6 +67,7 @@ class ChannelMoments:
 class Space:
     """Identity on model tensors; subclasses say how raw items get there and back."""
 
+    name = "identity"  # the conf/space choice (sweep tables name the space by it)
     shape: tuple[int, ...] = ()  # model space, per item
     data_shape: tuple[int, ...] = ()  # the raw items it encodes (checked against the data before any work)
 
@@ -106,6 +107,8 @@ class PixelSpace(Space):
     """uint8 images <-> [-1, 1] floats (DDPM's convention). Floats pass through encode unchanged (already
     model space); to_uint8(decode(encode(u))) == u exactly."""
 
+    name = "pixels"  # its conf/space choice
+
     def __init__(self, channels: int, image_size: int):
         if channels < 1 or image_size < 1:
             raise ValueError(f"channels={channels}, image_size={image_size}: expected integers >= 1")
@@ -118,6 +121,8 @@ class PixelSpace(Space):
 
 class PointSpace(Space):
     """Low-dimensional data: the model works on the (standardised) coordinates themselves."""
+
+    name = "points"  # its conf/space choice
 
     def __init__(self, dim: int):
         if dim < 1:
@@ -253,6 +258,8 @@ class LatentSpace(Space):
 class AutoencoderSpace(LatentSpace):
     """Latents of the suite's own KL-autoencoder (a task=train_autoencoder checkpoint)."""
 
+    name = "autoencoder"  # its conf/space choice
+
     def __init__(self, ckpt: str, channels: int | None = None, image_size: int | None = None, **kwargs):
         from diffusion_lab.autoencoder import load_autoencoder  # the autoencoder task imports the build layer
 
@@ -289,6 +296,8 @@ class DiffusersVAESpace(LatentSpace):
     """Latents of a local diffusers `AutoencoderKL` folder (config.json + safetensors). diffusers is the optional
     extra `pip install diffusion-lab[diffusers]`, imported only here. Its input resolution is the data's."""
 
+    name = "diffusers_vae"  # its conf/space choice
+
     def __init__(self, path: str, pixel_size: int, channels: int | None = None, image_size: int | None = None,
                  **kwargs):
         folder = Path(path)
@@ -315,6 +324,13 @@ class DiffusersVAESpace(LatentSpace):
 
     def _decode_raw(self, z: Tensor) -> Tensor:
         return self.net.decode(z).sample
+
+
+def space_name(class_name: str) -> str:
+    """The conf/space choice of a Space class recorded in a protocol ("PixelSpace" -> "pixels"); other names as
+    they are (a user's own space)."""
+    cls = globals().get(class_name)
+    return cls.name if isinstance(cls, type) and issubclass(cls, Space) else class_name
 
 
 @lru_cache(maxsize=16)
@@ -347,4 +363,4 @@ def latent_shape(source: str, index: int, pixel_size: int | None = None) -> int:
 
 
 __all__ = ["AutoencoderSpace", "DiffusersVAESpace", "LatentSpace", "PixelSpace", "PointSpace", "Space",
-           "file_sha256", "from_uint8", "latent_shape", "to_uint8"]
+           "file_sha256", "from_uint8", "latent_shape", "space_name", "to_uint8"]

@@ -1,10 +1,13 @@
-"""Sweep results: `python -m diffusion_lab.sweeps collect MULTIRUN_DIR [--metric nll]`.
+"""Sweep results: `python -m diffusion_lab.sweeps collect MULTIRUN_DIR [--metric nll] [--x train_flops]`.
 
 Reads every job directory of a Hydra multirun (the ones holding .hydra/overrides.yaml), and writes
-results.csv (every override, metric and the key protocol fields per job), results.md (a Markdown
-table) and plots of the metric against each swept key (lines per sampler for steps, bars for
-categorical keys such as the objective). Jobs without results.json are marked "failed" (error.txt
-present, written by run_task when a job raises) or "unfinished"; they never stop the collector.
+results.csv (every override, metric and the key protocol fields per job, with the compute each job spent:
+parameters, GFLOPs per forward, training and sampling FLOPs, device-hours; the backbone and space),
+results.md (a Markdown table) and plots of the metric against each swept key (lines per sampler for steps,
+bars for categorical keys such as the objective), against NFE and against training FLOPs (log x) when
+those differ between jobs, and against any column asked for with --x. Jobs without results.json are
+marked "failed" (error.txt present, written by run_task when a job raises) or "unfinished"; they never
+stop the collector.
 """
 
 from __future__ import annotations
@@ -18,10 +21,18 @@ from pathlib import Path
 import yaml
 
 from diffusion_lab import plots
+from diffusion_lab.spaces import space_name
 
 PROTOCOL_FIELDS = ("sampler", "steps", "spacing", "eta", "churn", "nfe", "guidance", "guidance_scale", "step",
                    "sample_seed", "wall_seconds", "sampling_seconds")
 DEFAULT_METRICS = ("nll", "fid", "kid_mean", "judge_accuracy", "accuracy", "test_mse_sigma_0.5")
+# protocol["compute"] (compute.py; 1 multiply-add = 1 FLOP) -> compute:<field> columns
+COMPUTE_FIELDS = ("parameters", "forward_gflops", "samples_seen", "train_flops", "sampling_flops", "cfg_factor",
+                  "decode_gflops", "device_hours", "gpu_hours")
+# results.md: the columns that say what a job was and what it cost, when any job has them
+TABLE_EXTRA = ("protocol:backbone", "protocol:space", "protocol:guidance", "protocol:nfe", "compute:parameters",
+               "compute:forward_gflops", "compute:train_flops", "compute:sampling_flops", "compute:gpu_hours",
+               "compute:device_hours", "protocol:wall_seconds")
 
 
 def _job_dirs(root: Path) -> list[Path]:
@@ -57,6 +68,12 @@ def collect_rows(root: Path) -> list[dict]:
                 row |= {f"protocol:{k}": proto[k] for k in PROTOCOL_FIELDS if k in proto}
                 if isinstance(proto.get("objective"), dict):
                     row["protocol:objective"] = proto["objective"].get("name")
+                if isinstance(proto.get("space"), dict):  # "pixels", "autoencoder", "diffusers_vae", "points"
+                    row["protocol:space"] = space_name(str(proto["space"].get("space")))
+                if proto.get("backbone"):
+                    row["protocol:backbone"] = proto["backbone"]
+                spent = proto.get("compute") or {}
+                row |= {f"compute:{k}": spent[k] for k in COMPUTE_FIELDS if spent.get(k) is not None}
             except (json.JSONDecodeError, OSError) as exc:
                 row["status"], row["error"] = "unreadable", f"{type(exc).__name__}: {exc}"
         elif (job / "error.txt").is_file():
@@ -88,24 +105,29 @@ def _pick_metric(rows: list[dict], metric: str | None) -> str | None:
     return next((m for m in DEFAULT_METRICS if m in present), None)
 
 
+def _cell(column: str, value) -> str:
+    if column.endswith("_flops") and isinstance(value, (int, float)):
+        return f"{value:.3e}"  # 1.234e+15: FLOPs span too many decades for fixed decimals
+    if column.endswith(("_gflops", "_hours")) and isinstance(value, float):
+        return f"{value:.4g}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value).replace("|", "\\|")
+
+
 def write_table(rows: list[dict], metric: str | None, path: Path) -> None:
     axes = _swept(rows)
     extra = [f"metric:{metric}"] if metric else []
-    extra += [k for k in ("metric:energy_distance", "metric:kid_std", "protocol:nfe", "protocol:wall_seconds")
+    extra += [k for k in ("metric:energy_distance", "metric:kid_std", *TABLE_EXTRA)
               if any(k in r for r in rows) and k not in extra]
     cols = ["job", "status", *axes, *extra, "error"]
     lines = ["| " + " | ".join(c.split(":", 1)[-1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = []
-        for c in cols:
-            v = r.get(c, "")
-            cells.append(f"{v:.4f}" if isinstance(v, float) else str(v).replace("|", "\\|"))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_cell(c, r.get(c, "")) for c in cols) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_plots(rows: list[dict], metric: str, out: Path) -> list[Path]:
-    """Metric vs each swept key; numeric keys as lines (one per value of a categorical key), others as bars."""
+def write_plots(rows: list[dict], metric: str, out: Path, extra_x: tuple[str, ...] = ()) -> list[Path]:
+    """Metric vs each swept key (numeric keys as lines, one per value of a categorical key, others as bars),
+    vs NFE and training FLOPs when they differ between jobs, and vs the columns in `extra_x`."""
     ok = [r for r in rows if r.get("status") == "ok" and f"metric:{metric}" in r]
     axes = _swept(rows)
     written = []
@@ -126,25 +148,52 @@ def write_plots(rows: list[dict], metric: str, out: Path) -> list[Path]:
         path = out / f"plot_{metric}_vs_{name.replace('/', '_')}.png"
         plots.save_figure(fig, path)
         written.append(path)
-    if len({r.get("protocol:nfe") for r in ok}) > 1:  # solver sweeps: quality per net evaluation
-        written.append(_nfe_plot(ok, [a for a in axes if not is_numeric[a]], metric, out))
+    categorical = [a for a in axes if not is_numeric[a]]
+    for column in dict.fromkeys(("protocol:nfe", "compute:train_flops", *extra_x)):
+        # solver sweeps: quality per net evaluation; backbones / spaces: quality at equal training compute
+        values = {r.get(column) for r in ok}
+        if column in extra_x or (len(values) > 1 and None not in values):
+            groups = categorical
+            if column.endswith("_flops") and len({r.get("compute:parameters") for r in ok}) > 1:
+                groups = [*categorical, "compute:parameters"]  # one curve per model size (scaling plots)
+            written.append(_column_plot(ok, column, groups, metric, out))
     return written
 
 
-def _nfe_plot(ok: list[dict], categorical: list[str], metric: str, out: Path) -> Path:
-    """Metric vs the protocol's exact NFE, one line per combination of the categorical swept keys."""
+def column_key(rows: list[dict], name: str) -> str:
+    """A --x name as a column: exact, else compute:/protocol:/override:/metric: + name."""
+    present = {k for r in rows for k in r}
+    for key in (name, f"compute:{name}", f"protocol:{name}", f"override:{name}", f"metric:{name}"):
+        if key in present:
+            return key
+    raise SystemExit(f"error: --x {name}: no such column; columns: {', '.join(sorted(present))}")
+
+
+def _column_plot(ok: list[dict], column: str, groups: list[str], metric: str, out: Path) -> Path:
+    """Metric vs a numeric column (NFE, training FLOPs, ...), one line per combination of the `groups` columns
+    (the categorical swept keys: objective, experiment, ...); log x for FLOPs and hours (compute spans decades)
+    and for any column whose values span more than two."""
     series: dict[str, list[tuple]] = {}
     for r in ok:
-        label = "/".join(str(r.get(a)) for a in categorical) or metric
-        series.setdefault(label, []).append((r["protocol:nfe"], r[f"metric:{metric}"]))
-    fig = plots.plot_metric_series(series, xlabel="NFE", ylabel=metric, title=f"{metric} vs NFE")
-    path = out / f"plot_{metric}_vs_nfe.png"
+        x = _number(r.get(column))
+        if x is not None:
+            label = "/".join(f"{r.get(a) / 1e6:.3g}M params" if a == "compute:parameters" else str(r.get(a))
+                             for a in groups) or metric
+            series.setdefault(label, []).append((x, r[f"metric:{metric}"]))
+    xs = [x for pts in series.values() for x, _ in pts]
+    logx = bool(xs) and min(xs) > 0 and (column.endswith(("_flops", "_hours")) or max(xs) / min(xs) > 100)
+    name = column.split(":", 1)[-1]
+    label = {"nfe": "NFE", "train_flops": "training FLOPs (1 multiply-add = 1 FLOP)"}.get(name, name)
+    fig = plots.plot_metric_series(series, xlabel=label, ylabel=metric, title=f"{metric} vs {label.split(' (')[0]}",
+                                   logx=logx)
+    path = out / f"plot_{metric}_vs_{name.replace('/', '_')}.png"
     plots.save_figure(fig, path)
     return path
 
 
-def collect(root: str | Path, metric: str | None = None) -> dict:
-    """Write results.csv, results.md and plots into `root`; returns a summary."""
+def collect(root: str | Path, metric: str | None = None, x: list[str] | tuple[str, ...] = ()) -> dict:
+    """Write results.csv, results.md and plots into `root` (also vs each column named in `x`, e.g.
+    "train_flops"); returns a summary."""
     root = Path(root)
     if not root.is_dir():
         raise SystemExit(f"error: {root}: not a directory (expected a Hydra multirun dir)")
@@ -158,7 +207,8 @@ def collect(root: str | Path, metric: str | None = None) -> dict:
         writer.writeheader()
         writer.writerows(rows)
     write_table(rows, metric, root / "results.md")
-    figures = write_plots(rows, metric, root) if metric else []
+    extra_x = tuple(column_key(rows, name) for name in x)
+    figures = write_plots(rows, metric, root, extra_x) if metric else []
     status = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "unfinished", "unreadable")}
     return {"jobs": len(rows), "status": status, "metric": metric, "csv": str(root / "results.csv"),
             "table": str(root / "results.md"), "plots": [str(p) for p in figures]}
@@ -171,8 +221,11 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("dir")
     c.add_argument("--metric", default=None, help="metric to tabulate and plot (default: the first of "
                                                   f"{', '.join(DEFAULT_METRICS)} present)")
+    c.add_argument("--x", action="append", default=[], metavar="COLUMN",
+                   help="also plot the metric against this column (e.g. train_flops, sampling_flops, gpu_hours, "
+                        "forward_gflops; repeatable); training FLOPs are plotted anyway when they differ")
     args = ap.parse_args(argv)
-    summary = collect(args.dir, args.metric)
+    summary = collect(args.dir, args.metric, args.x)
     print(json.dumps(summary, indent=2))
     print(Path(summary["table"]).read_text())
 
