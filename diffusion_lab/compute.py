@@ -37,9 +37,25 @@ def _cpu_attention(query_shape, key_shape, value_shape, *args, out_shape=None, *
 _MAPPING = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention}
 
 
+class _TotalOnly:
+    """Stands in for FlopCounterMode's per-module tracker: only the total is needed here, and the tracker's
+    backward hooks break autograd.grad through a leaf input (pytorch/pytorch#131753, open), which is exactly
+    classifier guidance's gradient step."""
+
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return None
+
+
 def count_flops(fn, *args, **kwargs) -> int:
     """Multiply-adds of everything fn(*args, **kwargs) runs (FlopCounterMode's 2 x MAC count, halved)."""
-    with FlopCounterMode(display=False, custom_mapping=_MAPPING) as counter:
+    counter = FlopCounterMode(display=False, custom_mapping=_MAPPING)
+    counter.mod_tracker = _TotalOnly()
+    with counter:
         fn(*args, **kwargs)
     return counter.get_total_flops() // 2
 
