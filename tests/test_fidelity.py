@@ -165,7 +165,14 @@ def test_states_report_md(tmp_path):
         assert f"]({png})" in report and (tmp_path / png).is_file()
     assert '"sampler": "ancestral"' in report  # the protocol block
     assert float(rows["final loss mean last 10pct"]) > 0
+    macs = 3 * 256 + 3 * 256 * 256 + 256 * 2  # the MLP's multiply-adds per sample, layer by layer (in x out)
+    assert float(rows["forward GFLOPs per sample"]) * 1e9 == pytest.approx(macs)
+    assert float(rows["training FLOPs"]) == pytest.approx(3 * macs * 20 * 500, rel=1e-5)  # 3 x forward x samples
+    assert float(rows["sampling FLOPs"]) == pytest.approx(200 * 20 * macs, rel=1e-5)  # n x NFE x forward
     from diffusion_lab.report import read_scalars
+
+    steps, flops = read_scalars(tmp_path, "compute/train_flops")  # logged at logging steps, vs samples so far
+    assert steps and all(f == pytest.approx(3 * macs * 500 * (s + 1), rel=1e-6) for s, f in zip(steps, flops))
 
     steps, values = read_scalars(tmp_path, "eval_during/nll")  # in-training evaluation, read back from TensorBoard
     assert steps == [10, 20] and all(1.5 < v < 6 for v in values)

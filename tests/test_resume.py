@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -61,6 +62,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     opt_ref, opt_res = ref["optimizer_states"][0]["state"], res["optimizer_states"][0]["state"]
     for i in opt_ref:
         assert torch.equal(opt_ref[i]["exp_avg"], opt_res[i]["exp_avg"])
+    # compute accounting survives the kill: samples seen over both launches, training FLOPs of all 40 steps
+    macs = 3 * 64 + 64 * 64 * 3 + 64 * 2  # the MLP (hidden 64): [x, t] -> 64, 3 x 64 -> 64, 64 -> x
+    assert res["compute"]["samples_seen"] == ref["compute"]["samples_seen"] == 40 * 256
+    spent = json.loads((killed_dir / "results.json").read_text())["protocol"]["compute"]
+    assert spent["train_flops"] == 3 * macs * 40 * 256 and spent["train_loop_seconds"] > 0
 
 
 def test_checkpoint_write_is_atomic_and_read_is_code_free(tmp_path):

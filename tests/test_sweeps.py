@@ -16,6 +16,10 @@ from diffusion_lab.sweeps import collect
 
 TINY = [*FAST, "trainer.max_steps=20", "eval.n_samples=200", "timesteps=50", "sampler.steps=20",
         "callbacks.checkpoint.every_n_train_steps=10"]
+# Independent count for the states MLP (2-d points, 4 layers of 256, input [x, 2t - 1]): multiply-adds of one
+# forward of one sample, summed layer by layer (in x out), and the recipe's batch (experiment=states).
+MLP_MACS = (2 + 1) * 256 + 3 * 256 * 256 + 256 * 2
+STATES_BATCH = 1000
 
 
 def job_dirs(sweep: Path) -> list[Path]:
@@ -40,8 +44,15 @@ def test_parametrization_sweep_with_joblib_then_collector(tmp_path):
         assert float(row["metric:nll"]) == pytest.approx(want)
         # TensorBoard HPARAMS view: each job's metrics, read back from its event file
         assert read_scalars(job / "tensorboard" / "hparams", "hparams/nll")[1] == [pytest.approx(want)]
+        # the compute columns: 3 x forward x steps x batch, and n x NFE x forward (ancestral, 20 steps)
+        assert int(row["compute:train_flops"]) == 3 * MLP_MACS * 20 * STATES_BATCH
+        assert int(row["compute:sampling_flops"]) == 200 * 20 * MLP_MACS
+        assert float(row["compute:forward_gflops"]) * 1e9 == pytest.approx(MLP_MACS)
+        assert (row["protocol:backbone"], row["protocol:space"], row["compute:samples_seen"]) == ("MLP", "points",
+                                                                                                  "20000")
     table = (sweep / "results.md").read_text()
     assert "| objective |" in table.splitlines()[0] and table.count("| ok |") == 3
+    assert "| train_flops |" in table.splitlines()[0] and f"| {3 * MLP_MACS * 20 * STATES_BATCH:.3e} |" in table
     assert (sweep / "plot_nll_vs_objective.png").is_file()
 
     # re-running the same sweep skips finished jobs; force=true re-runs them
@@ -83,6 +94,10 @@ def test_cases_sweeper_sampling_steps_over_one_checkpoint(tmp_path, tiny_ckpt):
     assert got == sorted((s, n, seed) for s, n in (("ancestral", 10), ("ancestral", 50), ("ddim", 5))
                          for seed in (0, 1))
     assert all(p["task"] == "sample" and p["step"] == 20 for p in results)  # sampling only, no retraining
+    for p in results:  # training FLOPs from the checkpoint's record, sampling FLOPs of this sampling
+        nfe = {"ancestral": p["steps"], "ddim": p["steps"]}[p["sampler"]]
+        assert p["compute"]["train_flops"] == 3 * MLP_MACS * 20 * STATES_BATCH
+        assert p["compute"]["sampling_flops"] == 100 * nfe * MLP_MACS and p["compute"]["nfe"] == nfe
     assert all((j / "samples.png").is_file() for j in job_dirs(sweep))
     summary = collect(sweep)
     assert summary["status"]["ok"] == 6 and any("vs_sampler.steps" in p for p in summary["plots"])
