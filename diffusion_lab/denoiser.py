@@ -47,7 +47,7 @@ class DenoiserFigures(L.Callback):
 
 def train_denoiser(cfg: DictConfig, run_dir: Path) -> dict:
     """Fit the one-step denoiser; write the CS180 part-1 figures and test MSE per sigma to results.json."""
-    from diffusion_lab.tasks import fit, write_json
+    from diffusion_lab.tasks import fit, train_compute, write_json
 
     t0 = time.perf_counter()
     parts, trainer, train_seconds = fit(cfg, run_dir)
@@ -66,9 +66,12 @@ def train_denoiser(cfg: DictConfig, run_dir: Path) -> dict:
     results = {"metrics": mse, "protocol": {"task": "train_denoiser", "objective": module.objective.describe(),
                                             "step": trainer.global_step, "n_test": len(test),
                                             "wall_seconds": round(time.perf_counter() - t0, 2),
-                                            "data": dm.describe(), "ema": False}}
+                                            "data": dm.describe(), "ema": False,
+                                            "backbone": type(module.net).__name__,
+                                            "compute": train_compute(module, trainer)}}
     write_json(run_dir / "results.json", results)
-    facts = training_facts(trainer, module.net, int(cfg.data.batch_size), train_seconds, run_dir)
+    facts = training_facts(trainer, module.net, int(cfg.data.batch_size), train_seconds, run_dir,
+                           results["protocol"]["compute"])
     write_report(run_dir, f"{cfg.get('name', 'denoiser')}: one-step denoiser report", facts, results,
                  {"Loss curve": "loss_curve.png", "Noising process": "noising_process.png",
                   "Denoised test digits (last epoch)": f"denoised_epoch_{int(trainer.current_epoch):03d}.png",

@@ -181,10 +181,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     parts, trainer, train_seconds = fit(cfg, run_dir)
     uses_ema = any(isinstance(c, EMA) for c in trainer.callbacks)
     last = run_dir / "checkpoints" / "last.ckpt"
-    module = parts.module
-    devices, _, accelerator = compute.trainer_scale(trainer)
-    spent = compute.training(module.net, compute.module_forward_flops(module), trainer.global_step,
-                             module.ledger.samples(trainer.world_size), module.ledger.seconds(), devices, accelerator)
+    spent = train_compute(parts.module, trainer)
     protocol = {"task": "train", "checkpoint": str(last), "step": trainer.global_step, "ema": uses_ema,
                 "world_size": trainer.world_size,
                 "seed": int(cfg.seed), "train_seconds": round(train_seconds, 2), "title": cfg.get("name", ""),
@@ -199,6 +196,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                  {"Loss curve": "loss_curve.png", "Samples (EMA weights)": "samples.png",
                   "Samples per class": "samples_per_class.png", "Denoising trajectory": "trajectory.png"})
     return results
+
+
+def train_compute(module, trainer) -> dict:
+    """protocol["compute"] of a finished fit: parameters, FLOPs per forward, samples seen (the module's ledger,
+    over every launch of the run), training FLOPs and device-hours."""
+    devices, _, accelerator = compute.trainer_scale(trainer)
+    return compute.training(module.net, compute.module_forward_flops(module), trainer.global_step,
+                            module.ledger.samples(trainer.world_size), module.ledger.seconds(), devices, accelerator)
 
 
 def _save_loss_curve(run_dir: Path) -> None:
