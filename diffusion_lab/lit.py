@@ -226,8 +226,10 @@ class DiffusionModule(L.LightningModule):
             log.warning("train.nonfinite=skip: %d of %d steps were skipped (non-finite loss)", self._skips, total)
 
     def _is_log_step(self) -> bool:
-        """Steps whose extra metrics reach the logger (every trainer.log_every_n_steps)."""
-        return self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0
+        """Steps whose extra metrics reach the logger: Lightning writes step k when (k + 1) is a multiple of
+        trainer.log_every_n_steps (LoggerConnector.should_update_logs); a value logged on any other step would
+        be written several steps late under the wrong step number."""
+        return (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Grad norm only on logging steps: computing it every step would add a host sync.
