@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 import yaml
@@ -160,13 +161,20 @@ def write_plots(rows: list[dict], metric: str, out: Path, extra_x: tuple[str, ..
     return written
 
 
+def _fail(message: str):
+    """Bad input: one line on stderr, exit code 2, before anything is written."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def column_key(rows: list[dict], name: str) -> str:
     """A --x name as a column: exact, else compute:/protocol:/override:/metric: + name."""
     present = {k for r in rows for k in r}
     for key in (name, f"compute:{name}", f"protocol:{name}", f"override:{name}", f"metric:{name}"):
         if key in present:
             return key
-    raise SystemExit(f"error: --x {name}: no such column; columns: {', '.join(sorted(present))}")
+    numeric = sorted(k for k in present if any(_number(r.get(k)) is not None for r in rows) and k != "job")
+    _fail(f"--x {name}: no such column; numeric columns: {', '.join(numeric)}")
 
 
 def _column_plot(ok: list[dict], column: str, groups: list[str], metric: str, out: Path) -> Path:
@@ -196,18 +204,18 @@ def collect(root: str | Path, metric: str | None = None, x: list[str] | tuple[st
     "train_flops"); returns a summary."""
     root = Path(root)
     if not root.is_dir():
-        raise SystemExit(f"error: {root}: not a directory (expected a Hydra multirun dir)")
+        _fail(f"{root}: not a directory (expected a Hydra multirun dir)")
     rows = collect_rows(root)
     if not rows:
-        raise SystemExit(f"error: {root}: no job directories (.hydra/overrides.yaml) found")
+        _fail(f"{root}: no job directories (.hydra/overrides.yaml) found")
     metric = _pick_metric(rows, metric)
+    extra_x = tuple(column_key(rows, name) for name in x)
     cols = sorted({k for r in rows for k in r}, key=lambda c: (c not in ("job", "status"), c))
     with open(root / "results.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=cols)
         writer.writeheader()
         writer.writerows(rows)
     write_table(rows, metric, root / "results.md")
-    extra_x = tuple(column_key(rows, name) for name in x)
     figures = write_plots(rows, metric, root, extra_x) if metric else []
     status = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "unfinished", "unreadable")}
     return {"jobs": len(rows), "status": status, "metric": metric, "csv": str(root / "results.csv"),

@@ -73,6 +73,12 @@ def test_failing_job_does_not_stop_the_others_and_is_marked(tmp_path):
     assert summary["status"] == {"ok": 2, "failed": 1, "unfinished": 0, "unreadable": 0}
     failed = [r for r in csv.DictReader(open(sweep / "results.csv")) if r["status"] == "failed"]
     assert len(failed) == 1 and "expected an integer >= 1" in failed[0]["error"]
+    # --x: a column name without its prefix; an unknown one is refused (exit 2) before anything is rewritten
+    assert collect(sweep, x=["sampling_flops"])["plots"][-1].endswith("plot_nll_vs_sampling_flops.png")
+    stamp = (sweep / "results.csv").stat().st_mtime_ns
+    with pytest.raises(SystemExit) as exit_info:
+        collect(sweep, x=["nope"])
+    assert exit_info.value.code == 2 and (sweep / "results.csv").stat().st_mtime_ns == stamp
 
 
 @pytest.fixture(scope="module")
