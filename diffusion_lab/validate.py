@@ -81,6 +81,10 @@ SCHEMA: dict[str, tuple[Callable, str]] = {
     "trainer.max_epochs": MAX_EPOCHS,
     "trainer.log_every_n_steps": int_at_least(1),
     "trainer.accumulate_grad_batches": int_at_least(1),
+    # Lightning's own parser raises deep in Trainer(); "DD:HH:MM:SS" is the form it documents for configs
+    "trainer.max_time": ((lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", v)
+                                                   and v != "00:00:00:00")),
+                         "expected null or a positive wall-clock budget DD:HH:MM:SS, e.g. 00:00:08:00"),
     "trainer.gradient_clip_val": optional(positive_number()),
     "optimizer.lr": positive_number(),
     "optimizer.weight_decay": nonneg_number(),
@@ -159,8 +163,10 @@ def validate(cfg: DictConfig) -> None:
         if not check(value):
             raise ConfigError(f"{key}={_show(value)}: {expected}")
     steps, epochs = OmegaConf.select(cfg, "trainer.max_steps"), OmegaConf.select(cfg, "trainer.max_epochs")
-    if steps == -1 and epochs in (None, -1) and OmegaConf.select(cfg, "trainer") is not None:
-        raise ConfigError("trainer.max_steps=-1: with trainer.max_epochs=-1 training would never end; set one")
+    budget = OmegaConf.select(cfg, "trainer.max_time", default=None)
+    if steps == -1 and epochs in (None, -1) and budget is None and OmegaConf.select(cfg, "trainer") is not None:
+        raise ConfigError("trainer.max_steps=-1: with trainer.max_epochs=-1 and no trainer.max_time training "
+                          "would never end; set one")
     for key, what in FILES.items():
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
         if value in (None, ""):
