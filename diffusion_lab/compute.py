@@ -74,13 +74,14 @@ def forward_flops(net: nn.Module, shape, num_classes: int = 0, device=None) -> i
     x = torch.zeros((1, *shape), device=device)
     t = torch.full((1,), 0.5, device=device)
     cond = torch.zeros(1, dtype=torch.long, device=device) if num_classes else None
-    was_training = net.training
+    modes = {m: m.training for m in net.modules()}  # per module: a net may keep frozen parts in eval mode
     net.eval()
     try:
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             return count_flops(net, x, t, cond)
     finally:
-        net.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def decode_flops(space, device=None) -> int:

@@ -49,8 +49,9 @@ def test_forward_flops_equal_hand_counted_multiply_adds():
     attention = 2 * (2 * 36 * 36 * 4)
     out = 8 * 36 * 5
     net = ConvAttentionNet().train()
+    net.conv.eval()
     assert compute.forward_flops(net, (3, 6, 6)) == conv + qkv + attention + out
-    assert net.training  # the train/eval mode is restored
+    assert net.training and not net.conv.training  # each module's train/eval mode is restored
     seq = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3))
     assert compute.count_flops(seq, torch.zeros(1, 10)) == 10 * 20 + 20 * 3  # activations and biases are free
     for dim, hidden, depth, classes in ((2, 256, 4, 0), (3, 64, 2, 5)):
