@@ -92,6 +92,10 @@ def _swept(rows: list[dict]) -> list[str]:
     return [k for k in keys if len({r.get(k) for r in rows}) > 1]
 
 
+def _is_path(value) -> bool:
+    return isinstance(value, str) and ("/" in value or value.endswith((".ckpt", ".pt", ".npz", ".pth")))
+
+
 def _number(value):
     try:
         return float(value)
@@ -130,7 +134,9 @@ def write_plots(rows: list[dict], metric: str, out: Path, extra_x: tuple[str, ..
     """Metric vs each swept key (numeric keys as lines, one per value of a categorical key, others as bars),
     vs NFE and training FLOPs when they differ between jobs, and vs the columns in `extra_x`."""
     ok = [r for r in rows if r.get("status") == "ok" and f"metric:{metric}" in r]
-    axes = _swept(rows)
+    # file paths (space.ckpt, eval.judge, ...) stay in the table but make no plot axis or legend: they name
+    # inputs, and where they differ the experiment (or another swept key) already tells the jobs apart
+    axes = [a for a in _swept(rows) if not any(_is_path(r.get(a)) for r in rows)]
     written = []
     is_numeric = {a: all(_number(r.get(a)) is not None for r in ok) for a in axes}
     for axis in axes:

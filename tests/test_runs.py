@@ -12,7 +12,7 @@ from helpers import CONF, FAST, run_cli
 ALL_EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 IMAGE_EXPERIMENTS = {"mnist_ddpm", "mnist_denoiser", "cifar10_ddpm", "celeba64_ddpm"}  # test_image_runs.py
 GUIDANCE_EXPERIMENTS = {"states_classifier", "states_guided", "mnist_classifier", "mnist_cfg"}  # test_guidance.py
-LATENT_EXPERIMENTS = {"mnist_ldm", "mnist_ldm_pixels",  # test_spaces.py
+LATENT_EXPERIMENTS = {"mnist_ldm", "mnist_ldm_pixels", "mnist_dit", "mnist_dit_latent",  # test_spaces.py
                       "mnist_autoencoder", "imagenet100_autoencoder"}  # test_autoencoder.py
 EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e not in IMAGE_EXPERIMENTS | GUIDANCE_EXPERIMENTS | LATENT_EXPERIMENTS]
 TINY = [*FAST, "trainer.max_steps=20", "eval.n_samples=300", "timesteps=50", "sampler.steps=20",

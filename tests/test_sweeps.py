@@ -149,3 +149,18 @@ def test_submitit_launchers(tmp_path):
                     "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}"], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all((j / "results.json").is_file() for j in job_dirs(sweep)) and len(job_dirs(sweep)) == 2
+
+
+def test_path_overrides_stay_in_the_table_but_make_no_plot_axis_or_legend(tmp_path):
+    """A backbones-style sweep: experiments differ, the latent ones also pass space.ckpt=<path>. The table keeps
+    the path; the plots group by experiment only (a path in a legend or as a bar axis tells nothing new)."""
+    from diffusion_lab.sweeps import write_plots, write_table
+
+    rows = [{"job": f"{i}_x", "status": "ok", "override:experiment": e, "metric:kid_mean": k,
+             "compute:train_flops": f, "compute:parameters": 1e6,
+             **({"override:space.ckpt": "/runs/ae/last.ckpt"} if "ldm" in e else {})}
+            for i, (e, k, f) in enumerate([("pix", 0.2, 4e13), ("ldm", 0.02, 5e13), ("dit_ldm", 0.04, 4.5e13)])]
+    written = write_plots(rows, "kid_mean", tmp_path)
+    assert sorted(p.name for p in written) == ["plot_kid_mean_vs_experiment.png", "plot_kid_mean_vs_train_flops.png"]
+    write_table(rows, "kid_mean", tmp_path / "results.md")
+    assert "/runs/ae/last.ckpt" in (tmp_path / "results.md").read_text()
