@@ -59,13 +59,14 @@ class ImageFolderDataModule(ImageDataModule):
                  channels: int = 3, num_classes: int = 0, batch_size: int = 64, num_workers: int = 4,
                  hflip: bool = True, preload: bool = False, steps_per_epoch: int | None = None, seed: int = 0,
                  name: str = "imagefolder", overfit: bool = False, cache_latents: bool = False,
-                 latent_cache_dir: str | None = None):
+                 latent_cache_dir: str | None = None, val_split: str = "test"):
         if steps_per_epoch is not None and not preload:
             raise ValueError(f"steps_per_epoch={steps_per_epoch}: only with preload=true (streaming: one pass)")
         super().__init__(root, channels, image_size, num_classes, batch_size, steps_per_epoch, hflip, seed,
                          download=False, name=name, overfit=overfit, cache_latents=cache_latents,
                          latent_cache_dir=latent_cache_dir)
         self.center_crop, self.num_workers, self.preload = center_crop, num_workers, preload
+        self.val_split = val_split  # the held-out folder: ImageNet trees name it val/ or validation/, not test/
         self.samples: list[tuple[str, int]] = []
 
     def _decode(self):
@@ -84,6 +85,9 @@ class ImageFolderDataModule(ImageDataModule):
             raise FileNotFoundError(f"no class-per-folder images under {base}; {ROOT_HINT} "
                                     f"(<root>/<class>/<image> or <root>/{split}/<class>/<image>)") from exc
         return samples, classes
+
+    def has_split(self, split: str) -> bool:
+        return split == "train" or (split == self.val_split and (Path(self.root) / split).is_dir())
 
     def load_split(self, split: str):
         samples, classes = self._scan(split)
