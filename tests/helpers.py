@@ -55,12 +55,13 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
 
 
-def write_autoencoder_ckpt(path: Path, seed: int = 0) -> Path:
-    """A task=train_autoencoder checkpoint of a small, randomly initialised KL-autoencoder for 1x32x32 MNIST
-    (f = 4, 4x8x8 latents): the stored config and `net.` weights a trained one has, in a second."""
+def write_autoencoder_ckpt(path: Path, seed: int = 0, experiment: str = "mnist_autoencoder") -> Path:
+    """A task=train_autoencoder checkpoint of a small, randomly initialised KL-autoencoder of `experiment`'s
+    layout at width 8 (mnist_autoencoder: 1x32x32 -> 4x8x8; imagenet100_autoencoder: 3x128x128 -> 3x32x32):
+    the stored config and `net.` weights a trained one has, in a second."""
     from diffusion_lab.build import make, resolved
 
-    cfg = compose_cfg(["experiment=mnist_autoencoder", "autoencoder.ch=8", "autoencoder.norm_groups=4",
+    cfg = compose_cfg([f"experiment={experiment}", "autoencoder.ch=8", "autoencoder.norm_groups=4",
                        "data.root=unused"], path.parent)
     torch.manual_seed(seed)
     net = make(cfg, "autoencoder")
