@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import InterpolationToMissingValueError, OmegaConfBaseException
 
 from diffusion_lab.errors import ConfigError
 
@@ -147,7 +147,11 @@ def validate(cfg: DictConfig) -> None:
             continue
         if OmegaConf.is_missing(OmegaConf.select(cfg, node), leaf):
             raise ConfigError(f"{key}: missing; expected {what} ({key}=<path>)")
-        value = OmegaConf.select(cfg, key)
+        try:
+            value = OmegaConf.select(cfg, key)
+        except InterpolationToMissingValueError as exc:  # space.ckpt: ${autoencoder_ckpt} of the ImageNet-100 rows
+            source = str(OmegaConf.to_container(parent, resolve=False)[leaf]).removeprefix("${").removesuffix("}")
+            raise ConfigError(f"{source}: missing; expected {what} ({source}=<path>, read by {key})") from exc
         if not isinstance(value, str) or not present(Path(value)):
             raise ConfigError(f"{key}={_show(value)}: not found (expected {what})")
     try:  # interpolations that cannot resolve: a model asking for ${data.channels} on points data
