@@ -99,6 +99,19 @@ def test_the_eight_rows_compose_as_table_3(experiment, in100, ae_ckpt, tmp_path)
         expected = {(False, False): 92_179_331, (False, True): 92_231_043,
                     (True, False): 84_277_379, (True, True): 84_329_091}[(vae, cfg_guided)]
         assert sum(p.numel() for p in net.parameters()) == expected
+    else:  # counted from DiT's layout (Peebles & Xie 2023, DiT-S width)
+        assert sum(p.numel() for p in net.parameters()) == dit_parameters(int(experiment.rsplit("_", 1)[1]))
+
+
+def dit_parameters(depth: int, h: int = 384, patch: int = 2, c: int = 3, classes: int = 100, freq: int = 256) -> int:
+    """DiT's trainable parameters: adaLN-Zero blocks (qkv + proj, a 4h MLP, the 6h modulation), patchify
+    conv, timestep MLP on a `freq`-dim sinusoid, label table with the null row, final adaLN + linear layer;
+    the sin-cos position table is fixed."""
+    block = (h * 3 * h + 3 * h) + (h * h + h) + (h * 4 * h + 4 * h) + (4 * h * h + h) + (h * 6 * h + 6 * h)
+    patchify = c * patch * patch * h + h
+    timestep = (freq * h + h) + (h * h + h)
+    final = (h * 2 * h + 2 * h) + (h * patch * patch * c + patch * patch * c)
+    return depth * block + patchify + timestep + (classes + 1) * h + final
 
 
 def test_the_sweep_runs_exactly_the_eight_rows():
