@@ -155,28 +155,30 @@ def multirun(cases: list[str], extra: list[str], in100: Path, ae_ckpt: Path, tmp
     return jobs
 
 
-def check_row(job: Path, res: dict, classes: int = 3) -> str:
+def check_row(job: Path, res: dict, n: int = 2, classes: int = 3) -> str:
     """The row's results.json: its protocol names the space, sampler, guidance and samples it ran under."""
     proto = res["protocol"]
     experiment = proto["title"]
     vae, cfg_guided, _, sampler, _ = ROWS[experiment]
-    assert proto["step"] == 2 and proto["data"]["name"] == "imagenet100"
+    assert proto["step"] == 2 and proto["data"]["name"] == "imagenet100" and proto["data"]["num_classes"] == classes
     assert proto["space"]["space"] == ("AutoencoderSpace" if vae else "PixelSpace")
     assert proto["sampler"] == sampler and proto["steps"] == 4
     assert proto["guidance"] == ("classifier_free" if cfg_guided else None)
-    assert proto["n_samples"] == (2 * classes if cfg_guided else 2)
+    assert proto["n_samples"] == (n * classes if cfg_guided else n)
     assert res["metrics"]["n_images"] == proto["n_samples"]  # decoded to 128px pixels in every row
     assert (job / "samples.png").is_file() and (job / "checkpoints" / "last.ckpt").is_file()
     return experiment
 
 
 def test_a_pixel_row_and_a_dit_row_run_debug_fast_as_one_sweep(in100, ae_ckpt, tmp_path):
-    """The default suite's share: DDPM-CFG (pixel U-Net at width 32: the 92M one costs minutes per run on
-    this CPU; test_all_eight_rows runs it as configured) and DiT-VAE-CFG-12 (as configured, 33M)."""
-    jobs = multirun(["experiment=imagenet100_ddpm_cfg model.ch=32", "experiment=imagenet100_dit_vae_cfg_12"],
-                    ["trainer.max_steps=2", "eval.metrics=[]"], in100, ae_ckpt, tmp_path)
-    assert sorted(check_row(job, res) for job, res in jobs.items()) == ["imagenet100_ddpm_cfg",
-                                                                       "imagenet100_dit_vae_cfg_12"]
+    """The default suite's share: DDPM (the pixel U-Net at width 32: at 92M a pixel row costs minutes on this
+    CPU; test_all_eight_rows runs all eight as configured) and DiT-VAE-CFG-12 (as configured, 33M: latents,
+    the autoencoder, CFG), two steps at batch 2, no monitor grids, one sample (per class)."""
+    jobs = multirun(["experiment=imagenet100_ddpm model.ch=32", "experiment=imagenet100_dit_vae_cfg_12"],
+                    ["trainer.max_steps=2", "data.batch_size=2", "callbacks.samples=null", "eval.n_samples=1",
+                     "eval.metrics=[]"], in100, ae_ckpt, tmp_path)
+    assert sorted(check_row(job, res, n=1) for job, res in jobs.items()) == ["imagenet100_ddpm",
+                                                                            "imagenet100_dit_vae_cfg_12"]
 
 
 @pytest.mark.slow  # all eight rows at their configured sizes: ~10 min on 2 cores (make test-slow)
