@@ -13,7 +13,9 @@ from diffusion_lab.classifier import TASK_TARGET
 
 GROUPS = ["data", "model", "schedule", "objective", "sampler", "optimizer", "lr_scheduler", "trainer",
           "callbacks", "logger", "task", "experiment", "guidance", "classifier", "autoencoder", "sweep", "space"]
-LATENT = {("space", "autoencoder"), ("space", "diffusers_vae"), ("experiment", "mnist_ldm")}
+LATENT = {("space", "autoencoder"), ("space", "diffusers_vae"), ("experiment", "mnist_ldm"),
+          *(("experiment", f"imagenet100_{row}") for row in ("ddpm_vae", "ddpm_vae_cfg", "ddim_vae_cfg",
+                                                            "dit_vae_cfg_8", "dit_vae_cfg_12"))}
 
 
 def choices(group: str) -> list[str]:
@@ -32,11 +34,12 @@ def test_every_choice_composes_and_builds(group, choice, tmp_path):
         overrides.append("schedule=linear")
     if group == "schedule" and choice == "rectified_flow":
         overrides += ["objective=velocity", "sampler=euler"]
-    image_data = {"mnist", "cifar10", "celeba64", "imagefolder"}
+    image_data = {"mnist", "cifar10", "celeba64", "imagefolder", "imagenet100"}
     if group == "data" and choice in image_data:
         overrides.append("model=unet_tiny")
     if group == "model" and choice != "mlp":
-        overrides.append("data=" + {"unet_celeba64": "celeba64", "unet_cifar": "cifar10"}.get(choice, "mnist"))
+        overrides.append("data=" + {"unet_celeba64": "celeba64", "unet_cifar": "cifar10", "unet_latent32": "cifar10",
+                                    "unet_imagenet128": "imagenet100"}.get(choice, "mnist"))
     if group == "guidance" and choice == "cfg":
         overrides.append("model.num_classes=5")
     if group == "classifier" and choice == "conv":

@@ -14,7 +14,10 @@ IMAGE_EXPERIMENTS = {"mnist_ddpm", "mnist_denoiser", "cifar10_ddpm", "celeba64_d
 GUIDANCE_EXPERIMENTS = {"states_classifier", "states_guided", "mnist_classifier", "mnist_cfg"}  # test_guidance.py
 LATENT_EXPERIMENTS = {"mnist_ldm", "mnist_ldm_pixels", "mnist_dit", "mnist_dit_latent",  # test_spaces.py
                       "mnist_autoencoder", "imagenet100_autoencoder"}  # test_autoencoder.py
-EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e not in IMAGE_EXPERIMENTS | GUIDANCE_EXPERIMENTS | LATENT_EXPERIMENTS]
+IMAGENET100_EXPERIMENTS = {e for e in ALL_EXPERIMENTS if e.startswith("imagenet100_")} - {  # test_imagenet100.py
+    "imagenet100_autoencoder"}
+EXPERIMENTS = [e for e in ALL_EXPERIMENTS
+               if e not in IMAGE_EXPERIMENTS | GUIDANCE_EXPERIMENTS | LATENT_EXPERIMENTS | IMAGENET100_EXPERIMENTS]
 TINY = [*FAST, "trainer.max_steps=20", "eval.n_samples=300", "timesteps=50", "sampler.steps=20",
         "callbacks.checkpoint.every_n_train_steps=10"]
 
@@ -23,11 +26,13 @@ def test_every_experiment_is_covered_by_an_end_to_end_test():
     from test_autoencoder import COVERED as AUTOENCODER_COVERED
     from test_guidance import COVERED as GUIDANCE_COVERED
     from test_image_runs import COVERED
+    from test_imagenet100 import COVERED as IMAGENET100_COVERED
     from test_spaces import COVERED as SPACES_COVERED
 
     assert IMAGE_EXPERIMENTS == COVERED and GUIDANCE_EXPERIMENTS == GUIDANCE_COVERED
-    assert LATENT_EXPERIMENTS == SPACES_COVERED | AUTOENCODER_COVERED
-    assert set(EXPERIMENTS) | IMAGE_EXPERIMENTS | GUIDANCE_EXPERIMENTS | LATENT_EXPERIMENTS == set(ALL_EXPERIMENTS)
+    assert LATENT_EXPERIMENTS == SPACES_COVERED | AUTOENCODER_COVERED and IMAGENET100_EXPERIMENTS == IMAGENET100_COVERED
+    assert set(EXPERIMENTS) | IMAGE_EXPERIMENTS | GUIDANCE_EXPERIMENTS | LATENT_EXPERIMENTS | IMAGENET100_EXPERIMENTS == \
+        set(ALL_EXPERIMENTS)
 
 
 def read_results(run_dir: Path) -> dict:
