@@ -14,6 +14,7 @@ from diffusion_lab.classifier import TASK_TARGET
 GROUPS = ["data", "model", "schedule", "objective", "sampler", "optimizer", "lr_scheduler", "trainer",
           "callbacks", "logger", "task", "experiment", "guidance", "classifier", "autoencoder", "sweep", "space"]
 LATENT = {("space", "autoencoder"), ("space", "diffusers_vae"), ("experiment", "mnist_ldm"),
+          ("experiment", "mnist_dit_latent"),
           *(("experiment", f"imagenet100_{row}") for row in ("ddpm_vae", "ddpm_vae_cfg", "ddim_vae_cfg",
                                                             "dit_vae_cfg_8", "dit_vae_cfg_12"))}
 
@@ -50,6 +51,8 @@ def test_every_choice_composes_and_builds(group, choice, tmp_path):
         overrides.append(f"data.path={points}")
     if group == "task" and choice == "train_classifier":
         overrides.append("classifier=mlp")
+    if group == "model" and choice.startswith("dit_") and choice.endswith("_8"):  # patch 8 needs a multiple of 8
+        overrides += ["data.pad_to_32=true", "data.image_size=32"]
     if group == "model" and choice == "unet_latent":  # an 8x8-latent net, here on 32x32 pixels
         overrides += ["data.pad_to_32=true", "data.image_size=32", "model.attn_resolutions=[16]"]
     if group == "space" and choice == "pixels":

@@ -16,7 +16,6 @@ import pytest
 import torch
 from helpers import CONF, REPO, compose_cfg, run_cli, write_autoencoder_ckpt
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from PIL import Image
 
 from diffusion_lab.build import make
