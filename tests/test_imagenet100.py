@@ -71,7 +71,7 @@ def run_args(in100: Path, ae_ckpt: Path, tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("experiment", sorted(ROWS))
-def test_the_eight_rows_compose_as_table_3(experiment, in100, ae_ckpt, tmp_path):
+def test_the_eight_rows_compose_as_table_3(experiment, ae_ckpt, tmp_path):
     vae, cfg_guided, backbone, sampler, steps = ROWS[experiment]
     cfg = compose_cfg([f"experiment={experiment}", f"autoencoder_ckpt={ae_ckpt}"], tmp_path)
     # shared by every row: the data, DDPM's training recipe, the seed's batch / lr and its evaluation
