@@ -70,6 +70,20 @@ def run_args(in100: Path, ae_ckpt: Path, tmp_path: Path) -> list[str]:
             f"eval.fidelity.cache_dir={tmp_path / 'fidelity'}", f"data.latent_cache_dir={tmp_path / 'latents'}"]
 
 
+def test_the_data_config_reads_the_seeds_layout(in100, tmp_path):
+    """data=imagenet100 on JPEG files: labels from the sorted synset folders, 150x136 files resized and
+    centre-cropped to 128, the held-out split is validation/ (the FID reference and classifier accuracy)."""
+    dm = make(compose_cfg(["data=imagenet100", "model=unet_tiny", f"data.root={in100}", "data.num_classes=3",
+                           "data.num_workers=0", "data.batch_size=4"], tmp_path), "data")
+    assert dm.describe()["n"] == 12 and dm.class_names == list(CLASSES)
+    assert dm.has_split("validation") and not dm.has_split("test")
+    x, y = dm.labelled("validation")
+    assert x.dtype == torch.uint8 and tuple(x.shape) == (6, 3, 128, 128) and y.tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.equal(dm.real_uint8("validation"), x)
+    batch = next(iter(dm.train_dataloader()))
+    assert tuple(batch["x"].shape) == (4, 3, 128, 128) and set(batch["cond"].tolist()) <= {0, 1, 2}
+
+
 @pytest.mark.parametrize("experiment", sorted(ROWS))
 def test_the_eight_rows_compose_as_table_3(experiment, ae_ckpt, tmp_path):
     vae, cfg_guided, backbone, sampler, steps = ROWS[experiment]
