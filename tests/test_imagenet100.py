@@ -172,7 +172,8 @@ def check_row(job: Path, res: dict, n: int = 2, classes: int = 3) -> str:
     """The row's results.json: its protocol names the space, sampler, guidance and samples it ran under."""
     proto = res["protocol"]
     experiment = proto["title"]
-    vae, cfg_guided, _, sampler, _ = ROWS[experiment]
+    vae, cfg_guided, backbone, sampler, _ = ROWS[experiment]
+    assert proto["backbone"] == backbone  # Table 3's columns: backbone, VAE (space), CFG (guidance)
     assert proto["step"] == 2 and proto["data"]["name"] == "imagenet100" and proto["data"]["num_classes"] == classes
     assert proto["space"]["space"] == ("AutoencoderSpace" if vae else "PixelSpace")
     assert proto["sampler"] == sampler and proto["steps"] == 4
