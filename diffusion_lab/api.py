@@ -30,6 +30,8 @@ from diffusion_lab.samplers import make_denoiser
 
 __all__ = ["Model", "load"]
 
+PRECISIONS = ("32", "32-true", "bf16", "bf16-mixed", "16", "16-mixed")  # eval.precision's values, minus auto
+
 
 def load(ckpt: str | Path, use_ema: bool = True, device: str | torch.device = "auto",
          allow_targets: Iterable[str] = ()) -> Model:
@@ -166,6 +168,8 @@ class Model:
     def _precision(self, precision: str | None):
         """Sampling autocast for one call: None keeps the checkpoint's (its training precision), else 32|bf16|16."""
         own = self.module.sample_precision
+        if precision is not None and str(precision) not in PRECISIONS:
+            raise ConfigError(f"precision={precision}: expected one of {', '.join(PRECISIONS)} (None: the checkpoint's)")
         if precision is not None:
             self.module.sample_precision = sample_precision(OmegaConf.create({"eval": {"precision": str(precision)}}))
         try:

@@ -112,7 +112,8 @@ def test_api_refuses_bad_requests_in_one_line(cfg_run, tmp_path):
              (dict(sampler="ddim", etta=0.5), "sampler.etta=0.5: not an option"),
              (dict(classes=[7]), "classes=[7]: unknown class 7"),
              (dict(guidance=-1.0), "guidance.scale=-1.0"),
-             (dict(classes=torch.zeros(3, dtype=torch.long)), "3 labels for n=10")]
+             (dict(classes=torch.zeros(3, dtype=torch.long)), "3 labels for n=10"),
+             (dict(precision="fp8"), "precision=fp8: expected one of 32")]
     for kwargs, message in cases:
         with pytest.raises(ConfigError, match=re.escape(message)):
             model.sample(10, **kwargs)

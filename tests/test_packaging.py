@@ -92,7 +92,8 @@ def test_installed_console_script_runs_an_experiment_outside_the_repo(installed,
                             "print(diffusion_lab.CONF_DIR)"], cwd=work, capture_output=True, text=True,
                            env=_env(PYTHONPATH=str(site)))
     module, conf = probe.stdout.split()
-    assert Path(module).is_relative_to(site) and Path(conf) == site / "diffusion_lab" / "conf"
+    assert Path(module).resolve().is_relative_to(site.resolve())
+    assert Path(conf) == (site / "diffusion_lab" / "conf").resolve()
 
 
 def test_every_entry_point_is_the_same_app(tmp_path):
