@@ -169,7 +169,8 @@ class Model:
         """Sampling autocast for one call: None keeps the checkpoint's (its training precision), else 32|bf16|16."""
         own = self.module.sample_precision
         if precision is not None and str(precision) not in PRECISIONS:
-            raise ConfigError(f"precision={precision}: expected one of {', '.join(PRECISIONS)} (None: the checkpoint's)")
+            raise ConfigError(f"precision={precision}: expected one of {', '.join(PRECISIONS)} "
+                              "(None: the checkpoint's)")
         if precision is not None:
             self.module.sample_precision = sample_precision(OmegaConf.create({"eval": {"precision": str(precision)}}))
         try:
