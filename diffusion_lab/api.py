@@ -50,7 +50,9 @@ class Model:
     LightningModule), `config` the run's saved config, `space` the map between model space and data."""
 
     def __init__(self, parts, config: DictConfig, ckpt: dict, ema: bool, path: Path):
-        self._parts, self._ckpt = parts, ckpt
+        # what task=sample's protocol reads from the checkpoint (not its weights and optimizer state: held once)
+        self._parts, self._ckpt = parts, {k: ckpt[k] for k in ("global_step", "compute") if k in ckpt}
+        parts.module.eval()  # inference: dropout off for direct calls of model.module.net too
         self.module, self.config, self.ema, self.checkpoint = parts.module, config, ema, path
         self.step = ckpt.get("global_step")
         self._own_guidance = self.module.guidance  # the checkpoint's guidance config (None: unguided)
