@@ -1,6 +1,6 @@
 """Use a trained checkpoint from Python: load, sample, denoise, evaluate (README "Use from Python").
 
-    python docs/use_from_python.py outputs/states/<time>/checkpoints/last.ckpt [out_dir]
+    python docs/use_from_python.py outputs/states/<time>/checkpoints/last.ckpt [out_dir] [n]
 
 Works for any task=train checkpoint (points or images, unconditional or class-conditional); the same lines run in a
 notebook. Writes <out_dir>/api_samples.png and task=sample's files under <out_dir>/evaluate; tests/test_api.py runs
@@ -23,8 +23,8 @@ import diffusion_lab  # noqa: E402
 from diffusion_lab.lit import DiffusionModule  # noqa: E402
 
 
-def main(ckpt: str, out_dir: str = "use_from_python") -> dict:
-    out = Path(out_dir)
+def main(ckpt: str, out_dir: str = "use_from_python", n: int = 500) -> dict:
+    n, out = int(n), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     # The checkpoint's own config and EMA weights, on the GPU when there is one.
@@ -32,13 +32,13 @@ def main(ckpt: str, out_dir: str = "use_from_python") -> dict:
     print(model)
 
     # task=sample's defaults (the checkpoint's sampler, seed 0): the same tensor `task=sample` saves in samples.pt.
-    x = model.sample(500, seed=0)
+    x = model.sample(n, seed=0)
     # Any sampler of conf/sampler with its options, e.g. deterministic DDIM in 50 steps.
-    x_ddim = model.sample(500, sampler="ddim", steps=50, eta=0.0, seed=0)
+    x_ddim = model.sample(n, sampler="ddim", steps=50, eta=0.0, seed=0)
     panels = {"checkpoint's sampler": x, "DDIM, 50 steps": x_ddim}
     # Class-conditional checkpoints: n per class (class by class), classifier-free guidance at any scale.
     if model.module.num_classes:
-        x_cls, labels = model.sample(100, classes="all", guidance=3.0, seed=0, return_labels=True)
+        x_cls, labels = model.sample(n // 5, classes="all", guidance=3.0, seed=0, return_labels=True)
         panels["every class, CFG 3"] = x_cls
         print("per-class samples:", tuple(x_cls.shape), "labels", labels.unique().tolist())
 
@@ -63,7 +63,7 @@ def main(ckpt: str, out_dir: str = "use_from_python") -> dict:
     fig.savefig(out / "api_samples.png", dpi=100, bbox_inches="tight")
 
     # task=sample's whole evaluation: samples files, plots, metrics, results.json with its protocol.
-    results = model.evaluate(out / "evaluate", n_samples=500, seed=0)
+    results = model.evaluate(out / "evaluate", n_samples=n, seed=0)
     print("metrics:", {k: round(v, 4) for k, v in results["metrics"].items() if isinstance(v, float)})
 
     # Lightning's own loader works too (the same model, as a LightningModule in eval mode).
@@ -73,6 +73,6 @@ def main(ckpt: str, out_dir: str = "use_from_python") -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: python docs/use_from_python.py <checkpoint.ckpt> [out_dir]")
+    if len(sys.argv) not in (2, 3, 4):
+        sys.exit("usage: python docs/use_from_python.py <checkpoint.ckpt> [out_dir] [n]")
     main(*sys.argv[1:])

@@ -136,10 +136,10 @@ def test_api_refuses_bad_requests_in_one_line(cfg_run, tmp_path):
 def test_use_from_python_example_runs(cfg_run, tmp_path, monkeypatch, capsys):
     """docs/use_from_python.py, as a user runs it, on the tiny class-conditional checkpoint."""
     monkeypatch.setattr(sys, "argv", ["use_from_python.py", str(cfg_run / "checkpoints" / "last.ckpt"),
-                                      str(tmp_path)])
+                                      str(tmp_path), "100"])
     runpy.run_path(str(REPO / "docs" / "use_from_python.py"), run_name="__main__")
     out = capsys.readouterr().out
-    assert "per-class samples: (500, 2)" in out and "load_from_checkpoint: MLP" in out
+    assert "per-class samples: (100, 2)" in out and "load_from_checkpoint: MLP" in out
     assert (tmp_path / "api_samples.png").stat().st_size > 0
     res = json.loads((tmp_path / "evaluate" / "results.json").read_text())
-    assert res["protocol"]["n_samples"] == 500 * 6 and "nll" in res["metrics"]
+    assert res["protocol"]["n_samples"] == 100 * 6 and "nll" in res["metrics"]
