@@ -1,10 +1,23 @@
 """diffusion_lab: Lightning + Hydra experiment suite for diffusion and flow-matching models."""
 
 import hashlib
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
 __version__ = "0.1.0"
+
+
+def _conf_dir() -> Path:
+    """The config tree: diffusion_lab/conf inside an installed package (pyproject ships the top-level conf/
+    there as package data), else the source checkout's conf/ (a clone, or `pip install -e .`, whose package
+    is the checkout's own diffusion_lab/)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "conf"
+    return packaged if (packaged / "config.yaml").is_file() else here.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 
 def _path_free(item: str) -> str:
@@ -49,3 +62,10 @@ def _latent_shape(source, index, pixel_size=None) -> int:
 
 # space=autoencoder: the latent channels and size come from the autoencoder checkpoint's stored config
 OmegaConf.register_new_resolver("dl_latent_shape", _latent_shape, replace=True)
+
+
+def load(ckpt, **kwargs):
+    """A trained checkpoint as a Python object that samples, denoises and evaluates: see diffusion_lab.api.load."""
+    from diffusion_lab.api import load as _load  # lazy: keep `import diffusion_lab` light
+
+    return _load(ckpt, **kwargs)

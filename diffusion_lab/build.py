@@ -22,9 +22,10 @@ from diffusion_lab.errors import ConfigError
 from diffusion_lab.lit import DiffusionModule
 from diffusion_lab.safety import check_stored_config
 
-__all__ = ["ConfigError", "build", "load_checkpoint", "load_task_net", "make", "make_space", "module_state"]
+__all__ = ["ConfigError", "build", "load_checkpoint", "load_task_net", "make", "make_space", "module_state",
+           "restore"]
 
-
+TRAIN_TARGET = "diffusion_lab.tasks.train"
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -194,3 +195,24 @@ def module_state(ckpt: dict, use_ema: bool) -> tuple[dict, bool]:
     if use_ema or not has_ema:
         return ckpt["state_dict"], has_ema
     return ckpt["current_model_state"], False
+
+
+def restore(path: str | Path, use_ema: bool = True, key: str = "ckpt") -> tuple[Parts, DictConfig, dict, bool]:
+    """A task=train checkpoint -> (its parts with the weights loaded, EMA by default, and the space's stored state;
+    the saved config; the checkpoint; whether EMA weights were used). Reload = build(saved config) +
+    load_state_dict; the one way task=sample/evaluate, diffusion_lab.load and DiffusionModule.load_from_checkpoint
+    bring a model back (the stored config passed load_checkpoint's allow-list before anything is built)."""
+    from diffusion_lab.preflight import check_weights  # preflight sits above build: import where used
+
+    ckpt = load_checkpoint(path, key=key)
+    saved = OmegaConf.create(ckpt["config"])
+    kind = OmegaConf.select(saved, "task._target_", default=None)
+    if kind != TRAIN_TARGET:
+        raise ConfigError(f"{key}={path}: written by task {kind}, not a diffusion model; task=sample/evaluate "
+                          "need a checkpoint of task=train")
+    parts = build(saved)
+    state, used_ema = module_state(ckpt, use_ema)
+    check_weights(state, parts.module.state_dict(), f"{key}={path}")
+    parts.module.load_state_dict(state)
+    parts.module.space.load_state(ckpt.get("space") or {}, key=f"{key}={path}")  # scaling; autoencoder sha256
+    return parts, saved, ckpt, used_ema

@@ -315,6 +315,29 @@ class DiffusionModule(L.LightningModule):
         x = self.sample(per, torch.Generator().manual_seed(seed + rank), cond=mine, **kwargs)
         return self.all_gather(x).flatten(0, 1)[:n]
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict: bool | None = None,
+                             weights_only: bool | None = None, use_ema: bool = True, **kwargs) -> DiffusionModule:
+        """Lightning's loader, for diffusion_lab checkpoints: the module is built from the config the checkpoint
+        stores (the run's resolved config, allow-listed before anything is built: files are data) and gets its
+        weights, the EMA ones by default (use_ema=False: the raw ones), and its space's stored state; eval mode.
+
+        Lightning's own version would call `cls(**checkpoint["hyper_parameters"])`, but the constructor takes
+        built objects (net, objective, sampler, ...), not config values; build.restore is the one reload path
+        (the same as task=sample and diffusion_lab.load). map_location: a device ("cpu", "cuda:0")."""
+        from diffusion_lab.build import restore  # build sits above this module
+
+        if hparams_file is not None or kwargs or strict is False or weights_only is False:
+            given = {"hparams_file": hparams_file, "strict": strict, "weights_only": weights_only, **kwargs}
+            unsupported = {k: v for k, v in given.items() if k in kwargs or v is not None}
+            raise TypeError(f"{cls.__name__}.load_from_checkpoint: {unsupported} not supported; the stored config "
+                            "defines the model, weights load strictly and as weights only (use diffusion_lab.load "
+                            "for sampler, guidance or precision choices)")
+        if map_location is not None and not isinstance(map_location, (str, torch.device)):
+            raise TypeError(f"map_location={map_location!r}: expected a device such as 'cpu' or 'cuda:0'")
+        parts, *_ = restore(checkpoint_path, use_ema=use_ema, key="checkpoint_path")
+        return parts.module.to(map_location or "cpu").eval()
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.nonfinite == "raise" and self._trainer is not None and self.trainer.training:
             self._check_nonfinite()  # deferred check: a checkpoint is never written after a bad step

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from diffusion_lab import CONF_DIR
 from diffusion_lab.errors import ConfigError
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # Trusted extra targets from the live command line (allow_targets=[my_pkg.MyNet]); set by the CLI before any
 # checkpoint is read. Never taken from a stored config: that would let a file allow itself.

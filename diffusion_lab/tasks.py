@@ -23,7 +23,7 @@ from diffusion_lab.build import (
     load_checkpoint,
     make,
     make_guidance,
-    module_state,
+    restore,
     sample_precision,
 )
 from diffusion_lab.callbacks import EMA
@@ -41,8 +41,6 @@ from diffusion_lab.preflight import (
 )
 from diffusion_lab.report import read_scalars, training_facts, write_report
 from diffusion_lab.samplers import nfe
-
-TRAIN_TARGET = "diffusion_lab.tasks.train"
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -244,18 +242,7 @@ def _restore(cfg: DictConfig) -> tuple:
     """Checkpoint + its saved config -> (module with weights, datamodule, saved cfg, ckpt, used_ema)."""
     if not cfg.get("ckpt"):
         raise ConfigError("ckpt=null: task=sample/evaluate needs ckpt=<path to a .ckpt>")
-    ckpt = load_checkpoint(cfg.ckpt)
-    saved = OmegaConf.create(ckpt["config"])
-    kind = OmegaConf.select(saved, "task._target_", default=None)
-    if kind != TRAIN_TARGET:
-        raise ConfigError(f"ckpt={cfg.ckpt}: written by task {kind}, not a diffusion model; task=sample/evaluate "
-                          "need a checkpoint of task=train")
-    parts = build(saved)
-    state, used_ema = module_state(ckpt, bool(cfg.eval.use_ema))
-    check_weights(state, parts.module.state_dict(), f"ckpt={cfg.ckpt}")
-    parts.module.load_state_dict(state)
-    parts.module.space.load_state(ckpt.get("space") or {}, key=f"ckpt={cfg.ckpt}")  # scaling; autoencoder sha256
-    return parts, saved, ckpt, used_ema
+    return restore(cfg.ckpt, bool(cfg.eval.use_ema))
 
 
 def _sampler_override(cfg: DictConfig, saved: DictConfig, schedule):
@@ -277,7 +264,12 @@ def sample(cfg: DictConfig, run_dir: Path, task_name: str = "sample") -> dict:
     (cfg.guidance when set, else the checkpoint's own)."""
     t0 = time.perf_counter()
     check_eval_inputs(cfg.eval)
-    parts, saved, ckpt, used_ema = _restore(cfg)
+    return sample_restored(cfg, run_dir, *_restore(cfg), task_name=task_name, wall_start=t0)
+
+
+def sample_restored(cfg: DictConfig, run_dir: Path, parts, saved: DictConfig, ckpt: dict, used_ema: bool,
+                    task_name: str = "sample", wall_start: float | None = None) -> dict:
+    """task=sample on a model that build.restore brought back (diffusion_lab.api evaluates through this too)."""
     module = parts.module.to(eval_device(cfg))
     _save_resolved_config(cfg, run_dir)
     sampler = _sampler_override(cfg, saved, module.objective.schedule)
@@ -291,7 +283,8 @@ def sample(cfg: DictConfig, run_dir: Path, task_name: str = "sample") -> dict:
                 "compute": _checkpoint_compute(module, ckpt, saved)}
     setup_data(saved, parts.datamodule)
     check_judge(cfg.eval, tuple(parts.datamodule.shape))
-    return generate_and_evaluate(module, parts.datamodule, cfg, run_dir, protocol, sampler=sampler, wall_start=t0)
+    return generate_and_evaluate(module, parts.datamodule, cfg, run_dir, protocol, sampler=sampler,
+                                 wall_start=wall_start)
 
 
 def _checkpoint_compute(module, ckpt: dict, saved: DictConfig) -> dict:
