@@ -32,9 +32,13 @@ def _path_free(item: str) -> str:
 def job_dirname(num, overrides: str = "", limit: int = 120) -> str:
     """Sweep job directory name `<num>_<overrides>`, shortened with a stable hash past `limit` characters
     (file systems refuse names over 255 bytes; many overrides would exceed that). Path-valued overrides
-    (data.path, ckpt, eval.judge, ...) are part of the name, as file name + hash of the path."""
+    (data.path, ckpt, eval.judge, ...) are part of the name, as file name + hash of the path. The number is
+    zero-padded to 3 digits so `ls` lists jobs in launch order (`010_` after `002_`) for every shipped sweep
+    (the largest, solvers x seeds, has 360 jobs); the resolver never learns the sweep's size (it runs in each
+    launcher worker), and the collector sorts by the number itself in any case."""
     overrides = ",".join(_path_free(item) for item in overrides.split(",")) if overrides else overrides
-    name = f"{num}_{overrides}" if overrides else str(num)
+    num = f"{int(num):03d}"
+    name = f"{num}_{overrides}" if overrides else num
     if len(name) <= limit:
         return name
     digest = hashlib.sha1(name.encode()).hexdigest()[:8]

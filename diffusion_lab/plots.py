@@ -268,21 +268,25 @@ def plot_prediction_maps(predict, reference, labels, ts: Sequence[float], class_
 
 def plot_metric_series(series: Mapping[str, Sequence[tuple]], xlabel: str, ylabel: str, numeric: bool = True,
                        title: str = "", logx: bool = False) -> Figure:
-    """Sweep results: {label: [(x, y), ...]} as lines over numeric x (sorted; log x for quantities spanning
-    decades, such as training FLOPs), or grouped bars otherwise."""
+    """Sweep results: {label: [(x, y) or (x, y, yerr), ...]} as lines over numeric x (sorted; log x for
+    quantities spanning decades: NFE, training FLOPs), or grouped bars otherwise, the categories in the order
+    they first appear (the sweep's own order, eps, x0, v; not alphabetical). yerr (std over seeds) is drawn
+    as error bars."""
     fig = _new_figure((6.0, 4.0))
     ax = fig.add_subplot()
     if numeric:
         for i, (label, pts) in enumerate(series.items()):
-            pts = sorted((float(x), float(y)) for x, y in pts)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i % 10}", label=label)
+            pts = sorted((float(p[0]), float(p[1]), float(p[2]) if len(p) > 2 else 0.0) for p in pts)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-",
+                        color=f"C{i % 10}", label=label, capsize=3)
     else:
-        cats = sorted({str(x) for pts in series.values() for x, _ in pts})
+        cats = list(dict.fromkeys(str(p[0]) for pts in series.values() for p in pts))
         width = 0.8 / max(len(series), 1)
         for i, (label, pts) in enumerate(series.items()):
-            values = dict((str(x), float(y)) for x, y in pts)
+            values = {str(p[0]): (float(p[1]), float(p[2]) if len(p) > 2 else 0.0) for p in pts}
             xs = [j + i * width for j, c in enumerate(cats) if c in values]
-            ax.bar(xs, [values[c] for c in cats if c in values], width=width, color=f"C{i % 10}", label=label)
+            ax.bar(xs, [values[c][0] for c in cats if c in values], width=width, color=f"C{i % 10}", label=label,
+                   yerr=[values[c][1] for c in cats if c in values], capsize=3)
         ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(cats))], cats)
     if numeric and logx:
         ax.set_xscale("log")
@@ -292,4 +296,34 @@ def plot_metric_series(series: Mapping[str, Sequence[tuple]], xlabel: str, ylabe
         ax.legend(fontsize="small")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_sample_table(rows: Mapping[str, Sequence[tuple[str, object]]], title: str = "") -> Figure:
+    """One panel per setting, side by side: {row label: [(panel title, uint8 (H, W, C) image or (N, 2)
+    points), ...]} (CMU 10-799 HW1 Q7: one sample per number of sampling steps, a row per sampler)."""
+    ncols = max(len(panels) for panels in rows.values())
+    fig = _new_figure((1.6 * ncols + 0.8, 1.7 * len(rows) + 0.5))
+    points = [_np(v) for panels in rows.values() for _, v in panels
+              if not (isinstance(v, np.ndarray) and v.dtype == np.uint8)]
+    lims = _limits(*points) if points else None
+    for i, (label, panels) in enumerate(rows.items()):
+        for j, (name, value) in enumerate(panels):
+            ax = fig.add_subplot(len(rows), ncols, i * ncols + j + 1)
+            if isinstance(value, np.ndarray) and value.dtype == np.uint8:
+                ax.imshow(value[..., 0] if value.shape[-1] == 1 else value, cmap="gray", vmin=0, vmax=255)
+            else:
+                pts = _np(value)
+                ax.scatter(pts[:, 0], pts[:, 1], **_SAMPLE_STYLE)
+                ax.set_xlim(lims[0])
+                ax.set_ylim(lims[1])
+                ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(name, fontsize="small")
+            if j == 0:
+                ax.set_ylabel(label)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
     return fig

@@ -13,27 +13,74 @@ stop the collector.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
 import sys
 from pathlib import Path
 
+import torch
 import yaml
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion_lab import plots
 from diffusion_lab.spaces import space_name
 
-PROTOCOL_FIELDS = ("sampler", "steps", "spacing", "eta", "churn", "nfe", "guidance", "guidance_scale", "step",
-                   "sample_seed", "wall_seconds", "sampling_seconds")
+PROTOCOL_FIELDS = ("checkpoint", "sampler", "steps", "spacing", "eta", "churn", "nfe", "guidance", "guidance_scale",
+                   "step", "sample_seed", "wall_seconds", "sampling_seconds")
+# overrides that only repeat a run (sweep=seeds): rows differing in these alone are one setting, summarised
+# as mean ± std over its seeds
+SEED_KEYS = ("override:seed", "override:eval.seed", "override:data.seed")
 DEFAULT_METRICS = ("nll", "fid", "kid_mean", "judge_accuracy", "accuracy", "test_mse_sigma_0.5")
 # protocol["compute"] (compute.py; 1 multiply-add = 1 FLOP) -> compute:<field> columns
 COMPUTE_FIELDS = ("parameters", "forward_gflops", "samples_seen", "train_flops", "sampling_flops", "cfg_factor",
                   "decode_gflops", "device_hours", "gpu_hours")
 # results.md: the columns that say what a job was and what it cost, when any job has them
-TABLE_EXTRA = ("protocol:backbone", "protocol:space", "protocol:guidance", "protocol:nfe", "compute:parameters",
+TABLE_EXTRA = ("protocol:checkpoint", "protocol:step", "protocol:backbone", "protocol:space", "protocol:guidance", "protocol:nfe", "compute:parameters",
                "compute:forward_gflops", "compute:train_flops", "compute:sampling_flops", "compute:gpu_hours",
                "compute:device_hours", "protocol:wall_seconds")
+
+
+def check_job(cfg: DictConfig, overrides: list[str], cache: dict | None = None) -> str | None:
+    """Why a sweep job would fail on its config (None: it would not), checked before it launches
+    (hydra_plugins/diffusion_lab_sweeper): the checks run_task makes first (allowed targets, the config schema)
+    and, for task=sample/evaluate over a checkpoint, the eval inputs and the job's sampler against the
+    checkpoint's own schedule (ancestral at 700 steps over a T=500 checkpoint). `cache`: checkpoint path ->
+    its stored config, so a sweep over one checkpoint reads it once."""
+    from diffusion_lab.build import ConfigError, load_checkpoint, make
+    from diffusion_lab.evaluation import check_eval_inputs
+    from diffusion_lab.safety import allow_user_targets
+    from diffusion_lab.tasks import _sampler_override
+    from diffusion_lab.validate import validate
+
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_config = HydraConfig.instance()
+    previous = hydra_config.cfg
+    if "hydra" in cfg:
+        hydra_config.set_config(cfg)  # ${hydra:runtime.choices.experiment} etc. resolve as in the job
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.pop("hydra", None)  # what the job's function receives; its run dir does not exist yet
+        cfg.run_dir = "<sweep job dir>"
+    cache = {} if cache is None else cache
+    try:
+        allow_user_targets(cfg.get("allow_targets"))
+        validate(cfg)
+        target = str(OmegaConf.select(cfg, "task._target_", default=""))
+        if target.endswith((".sample", ".evaluate")) and cfg.get("ckpt") and not cfg.get("samples"):
+            check_eval_inputs(cfg.eval)
+            path = str(cfg.ckpt)
+            if path not in cache:
+                cache[path] = OmegaConf.create(load_checkpoint(path)["config"])
+            saved = cache[path]
+            _sampler_override(cfg, saved, make(saved, "schedule"), overrides)  # built and dry-run on that schedule
+    except ConfigError as exc:
+        return str(exc)
+    finally:
+        hydra_config.cfg = previous
+    return None
 
 
 def _job_dirs(root: Path) -> list[Path]:
@@ -67,6 +114,8 @@ def collect_rows(root: Path) -> list[dict]:
                 row |= {f"metric:{k}": v for k, v in res.get("metrics", {}).items() if isinstance(v, (int, float))}
                 proto = res.get("protocol", {})
                 row |= {f"protocol:{k}": proto[k] for k in PROTOCOL_FIELDS if k in proto}
+                if "protocol:checkpoint" in row:  # a job's own checkpoint as <job>/checkpoints/..., short and movable
+                    row["protocol:checkpoint"] = _relative(Path(str(row["protocol:checkpoint"])), root)
                 if isinstance(proto.get("objective"), dict):
                     row["protocol:objective"] = proto["objective"].get("name")
                 if isinstance(proto.get("space"), dict):  # "pixels", "autoencoder", "diffusers_vae", "points"
@@ -84,6 +133,13 @@ def collect_rows(root: Path) -> list[dict]:
             row["status"] = "unfinished"
         rows.append(row)
     return rows
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _swept(rows: list[dict]) -> list[str]:
@@ -130,13 +186,59 @@ def write_table(rows: list[dict], metric: str | None, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def seed_summary(rows: list[dict], metric: str) -> tuple[list[str], list[dict]]:
+    """Finished jobs that differ only by seed (SEED_KEYS) as one row per setting -> (the setting's swept keys,
+    rows with those keys, `seeds` (n), the metric's mean and sample std (ddof=1; NaN for one seed) as
+    metric:<m> and metric:<m>_std, and the columns all its jobs share (NFE, FLOPs, checkpoint step, ...))."""
+    axes = _swept(rows)
+    keys = [a for a in axes if a not in SEED_KEYS]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("status") == "ok" and f"metric:{metric}" in r:
+            groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    out = []
+    for members in groups.values():
+        values = [float(m[f"metric:{metric}"]) for m in members]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else math.nan
+        shared = {k: v for k, v in members[0].items() if all(m.get(k) == v for m in members)}
+        out.append({**shared, "job": ",".join(m["job"].split("_", 1)[0] for m in members), "status": "ok",
+                    "seeds": len(members), f"metric:{metric}": mean, f"metric:{metric}_std": std})
+    return keys, out
+
+
+def write_seed_table(keys: list[str], summary: list[dict], metric: str, path: Path) -> None:
+    """Markdown: one row per setting, the metric as mean ± std over its seeds."""
+    cols = [k.split(":", 1)[-1] for k in keys]
+    lines = ["", f"## {metric}: mean ± std over seeds (sample std, n = seeds)", "",
+             "| " + " | ".join([*cols, "seeds", metric, "jobs"]) + " |", "|" + "---|" * (len(cols) + 3)]
+    for r in summary:
+        mean, std = r[f"metric:{metric}"], r[f"metric:{metric}_std"]
+        cell = f"{mean:.4f} ± {std:.4f}" if not math.isnan(std) else f"{mean:.4f} (one seed)"
+        lines.append("| " + " | ".join([*(_cell(k, r.get(k, "")) for k in keys), str(r["seeds"]), cell,
+                                          r["job"]]) + " |")
+    with open(path, "a") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def _logx(xs: list[float], always: bool = False) -> bool:
+    """Log x when the values are positive and span a decade or more (steps 10..1000, NFE 5..50); `always`
+    for quantities read on a log scale anyway (NFE, FLOPs, hours)."""
+    return bool(xs) and min(xs) > 0 and (always or max(xs) / min(xs) >= 10)
+
+
 def write_plots(rows: list[dict], metric: str, out: Path, extra_x: tuple[str, ...] = ()) -> list[Path]:
     """Metric vs each swept key (numeric keys as lines, one per value of a categorical key, others as bars),
-    vs NFE and training FLOPs when they differ between jobs, and vs the columns in `extra_x`."""
-    ok = [r for r in rows if r.get("status") == "ok" and f"metric:{metric}" in r]
+    vs NFE and training FLOPs when they differ between jobs, and vs the columns in `extra_x`. With seeds
+    swept, each point is the mean over the seeds of its setting with the std as an error bar."""
     # file paths (space.ckpt, eval.judge, ...) stay in the table but make no plot axis or legend: they name
     # inputs, and where they differ the experiment (or another swept key) already tells the jobs apart
     axes = [a for a in _swept(rows) if not any(_is_path(r.get(a)) for r in rows)]
+    if any(a in SEED_KEYS for a in axes):
+        keys, ok = seed_summary(rows, metric)
+        axes = [a for a in keys if a in axes]
+    else:
+        ok = [r for r in rows if r.get("status") == "ok" and f"metric:{metric}" in r]
     written = []
     is_numeric = {a: all(_number(r.get(a)) is not None for r in ok) for a in axes}
     for axis in axes:
@@ -149,8 +251,9 @@ def write_plots(rows: list[dict], metric: str, out: Path, extra_x: tuple[str, ..
         series: dict[str, list[tuple]] = {}
         for r in ok:
             label = str(r.get(group, "")) if group else metric
-            series.setdefault(label, []).append((r.get(axis), r[f"metric:{metric}"]))
-        fig = plots.plot_metric_series(series, xlabel=name, ylabel=metric, numeric=numeric,
+            series.setdefault(label, []).append(_point(r.get(axis), r, metric))
+        xs = [_number(r.get(axis)) for r in ok] if numeric else []
+        fig = plots.plot_metric_series(series, xlabel=name, ylabel=metric, numeric=numeric, logx=_logx(xs),
                                        title=f"{metric} vs {name}" + (f" per {group.split(':')[-1]}" if group else ""))
         path = out / f"plot_{metric}_vs_{name.replace('/', '_')}.png"
         plots.save_figure(fig, path)
@@ -165,6 +268,12 @@ def write_plots(rows: list[dict], metric: str, out: Path, extra_x: tuple[str, ..
                 groups = [*categorical, "compute:parameters"]  # one curve per model size (scaling plots)
             written.append(_column_plot(ok, column, groups, metric, out))
     return written
+
+
+def _point(x, row: dict, metric: str) -> tuple:
+    """(x, y) or (x, mean, std) when the row summarises several seeds."""
+    std = row.get(f"metric:{metric}_std")
+    return (x, row[f"metric:{metric}"]) if std is None or math.isnan(std) else (x, row[f"metric:{metric}"], std)
 
 
 def _fail(message: str):
@@ -193,9 +302,9 @@ def _column_plot(ok: list[dict], column: str, groups: list[str], metric: str, ou
         if x is not None:
             label = "/".join(f"{r.get(a) / 1e6:.3g}M params" if a == "compute:parameters" else str(r.get(a))
                              for a in groups) or metric
-            series.setdefault(label, []).append((x, r[f"metric:{metric}"]))
-    xs = [x for pts in series.values() for x, _ in pts]
-    logx = bool(xs) and min(xs) > 0 and (column.endswith(("_flops", "_hours")) or max(xs) / min(xs) > 100)
+            series.setdefault(label, []).append(_point(x, r, metric))
+    xs = [p[0] for pts in series.values() for p in pts]
+    logx = _logx(xs, always=column.endswith(("_flops", "_hours", "nfe")))
     name = column.split(":", 1)[-1]
     label = {"nfe": "NFE", "train_flops": "training FLOPs (1 multiply-add = 1 FLOP)"}.get(name, name)
     fig = plots.plot_metric_series(series, xlabel=label, ylabel=metric, title=f"{metric} vs {label.split(' (')[0]}",
@@ -203,6 +312,43 @@ def _column_plot(ok: list[dict], column: str, groups: list[str], metric: str, ou
     path = out / f"plot_{metric}_vs_{name.replace('/', '_')}.png"
     plots.save_figure(fig, path)
     return path
+
+
+def write_samples_vs_steps(rows: list[dict], root: Path) -> Path | None:
+    """samples_vs_steps.png: when the number of sampling steps differs between finished jobs, the first sample
+    of each (sampler, steps) setting side by side, a row per sampler, steps ascending (CMU 10-799 HW1 Q7:
+    "include 1 sample for each number of steps"); every job starts from its seed's noise, so the panels differ
+    only by the solver. 2D points: the job's samples as one scatter per panel."""
+    ok = [r for r in rows if r.get("status") == "ok" and _number(r.get("protocol:steps")) is not None]
+    if len({r["protocol:steps"] for r in ok}) < 2:
+        return None
+    from diffusion_lab.imageio import to_uint8
+
+    paths = {job.name: job for job in _job_dirs(root)}
+    picked: dict[str, dict[int, dict]] = {}  # sampler (sweep order) -> steps -> its first job
+    for r in ok:
+        picked.setdefault(str(r.get("protocol:sampler", "")), {}).setdefault(int(r["protocol:steps"]), r)
+    table: dict[str, list] = {}
+    for sampler, by_steps in picked.items():
+        for steps, r in sorted(by_steps.items()):
+            path = paths[r["job"]] / "samples.pt"
+            if not path.is_file():
+                continue
+            samples = torch.load(path, map_location="cpu", weights_only=True)["samples"]
+            if samples.ndim == 4:  # images in [-1, 1]: the first one
+                value = to_uint8(samples[:1])[0].permute(1, 2, 0).numpy()
+            elif samples.ndim == 2 and samples.shape[1] == 2:  # 2D points: one sample is no picture, the set is
+                value = samples[:2000].numpy()
+            else:
+                continue
+            nfe = _number(r.get("protocol:nfe"))
+            name = f"{steps} steps" + (f"\nNFE {nfe:.0f}" if nfe is not None and nfe != steps else "")
+            table.setdefault(sampler, []).append((name, value))
+    if not table:
+        return None
+    out = root / "samples_vs_steps.png"
+    plots.save_figure(plots.plot_sample_table(table, title="one sample per number of sampling steps"), out)
+    return out
 
 
 def collect(root: str | Path, metric: str | None = None, x: list[str] | tuple[str, ...] = ()) -> dict:
@@ -222,7 +368,11 @@ def collect(root: str | Path, metric: str | None = None, x: list[str] | tuple[st
         writer.writeheader()
         writer.writerows(rows)
     write_table(rows, metric, root / "results.md")
+    if metric and any(a in SEED_KEYS for a in _swept(rows)):
+        write_seed_table(*seed_summary(rows, metric), metric, root / "results.md")
     figures = write_plots(rows, metric, root, extra_x) if metric else []
+    strip = write_samples_vs_steps(rows, root)
+    figures += [strip] if strip else []
     status = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "unfinished", "unreadable")}
     return {"jobs": len(rows), "status": status, "metric": metric, "csv": str(root / "results.csv"),
             "table": str(root / "results.md"), "plots": [str(p) for p in figures]}

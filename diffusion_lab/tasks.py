@@ -245,14 +245,15 @@ def _restore(cfg: DictConfig) -> tuple:
     return restore(cfg.ckpt, bool(cfg.eval.use_ema))
 
 
-def _sampler_override(cfg: DictConfig, saved: DictConfig, schedule):
+def _sampler_override(cfg: DictConfig, saved: DictConfig, schedule, overrides: list[str] | None = None):
     """The sampler asked for on this command line (or by the experiment, sampler_source=config), else the
-    one the model was trained with."""
+    one the model was trained with; `overrides`: a sweep job's, checked before it launches."""
     from hydra.core.hydra_config import HydraConfig
 
     if cfg.get("sampler_source", "auto") not in ("auto", "config"):
         raise ConfigError(f"sampler_source={cfg.sampler_source}: expected auto or config")
-    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    if overrides is None:
+        overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     asked = cfg.get("sampler_source") == "config" or any(o.lstrip("+~").startswith("sampler") for o in overrides)
     sampler = make(cfg if asked else saved, "sampler")
     check_sampler(sampler, schedule)

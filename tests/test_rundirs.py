@@ -157,9 +157,12 @@ def test_job_dirname_keeps_path_values_as_file_name_and_hash():
     from diffusion_lab import job_dirname
 
     digest = hashlib.sha1(b"/x/y/a.npz").hexdigest()[:6]
-    assert job_dirname(3, "data.path=/x/y/a.npz,seed=0") == f"3_data.path=a.npz~{digest},seed=0"
+    assert job_dirname(3, "data.path=/x/y/a.npz,seed=0") == f"003_data.path=a.npz~{digest},seed=0"
     assert job_dirname(3, "data.path=/x/z/a.npz,seed=0") != job_dirname(3, "data.path=/x/y/a.npz,seed=0")
-    assert job_dirname(0, "objective=v") == "0_objective=v"  # names without paths are unchanged
+    assert job_dirname(0, "objective=v") == "000_objective=v"  # names without paths are unchanged
+    # zero-padded: `ls` order is launch order (10 after 2), what a plain string sort gives
+    names = [job_dirname(i, "seed=0") for i in range(12)]
+    assert sorted(names) == names and names[10] == "010_seed=0"
 
 
 @pytest.mark.slow

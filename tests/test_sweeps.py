@@ -32,8 +32,8 @@ def test_parametrization_sweep_with_joblib_then_collector(tmp_path):
                     f"hydra.sweep.dir={sweep}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = job_dirs(sweep)
-    # job dirs: <num>_<overrides>, shortened with a stable hash when the overrides are long (these are)
-    assert [j.name[:2] for j in jobs] == ["0_", "1_", "2_"] and all(len(j.name) <= 120 for j in jobs)
+    # job dirs: <zero-padded num>_<overrides>, shortened with a stable hash when the overrides are long (these are)
+    assert [j.name[:4] for j in jobs] == ["000_", "001_", "002_"] and all(len(j.name) <= 120 for j in jobs)
     assert all(f"objective={o}," in j.name for o, j in zip(("eps", "x0", "v"), jobs))
     assert all((j / "results.json").is_file() for j in jobs)
     summary = collect(sweep)
@@ -109,6 +109,34 @@ def test_cases_sweeper_sampling_steps_over_one_checkpoint(tmp_path, tiny_ckpt):
     assert summary["status"]["ok"] == 6 and any("vs_sampler.steps" in p for p in summary["plots"])
 
 
+def test_sampling_steps_sweep_over_a_T500_checkpoint_never_launches_an_invalid_job(tmp_path):
+    """The shipped sweep=sampling_steps (ancestral up to 1000 steps) over a T=500 checkpoint: the 700/900/1000
+    jobs are left out before anything launches, one line each; invalid=fail refuses the sweep, launching nothing."""
+    run = tmp_path / "t500"
+    proc = run_cli(["experiment=states", *TINY, "timesteps=500", "trainer.max_steps=2", f"hydra.run.dir={run}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = run / "checkpoints" / "last.ckpt"
+    refused = tmp_path / "refused"
+    proc = run_cli(["-m", "sweep=sampling_steps", f"ckpt={ckpt}", "hydra.sweeper.invalid=fail",
+                    f"hydra.sweep.dir={refused}"])
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
+    assert "sampler=ancestral sampler.steps=700" in err[0] and "T=500" in err[0] and "nothing launched" in err[0]
+    assert not refused.exists() or not job_dirs(refused)
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "sweep=sampling_steps", f"ckpt={ckpt}", "eval.n_samples=8", f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    for steps in (700, 900, 1000):
+        assert f"not launching job `sampler=ancestral sampler.steps={steps}`: sampler.steps={steps}: " in out
+    assert "launching 15 of 18 jobs (3 invalid, left out)" in out
+    jobs = job_dirs(sweep)
+    assert len(jobs) == 15 and not any((j / "error.txt").exists() for j in jobs)
+    launched = [json.loads((j / "results.json").read_text())["protocol"] for j in jobs]
+    assert sorted(p["steps"] for p in launched if p["sampler"] == "ancestral") == [100, 300, 500]
+    assert {p["sampler"] for p in launched} == {"ancestral", "ddim", "euler", "heun"}
+
+
 def test_fake_four_gpu_machine_gives_each_joblib_job_its_own_device(tmp_path):
     site = tmp_path / "site"
     site.mkdir()
@@ -130,7 +158,7 @@ def test_ddp_job_inside_a_multirun_keeps_one_output_dir_per_job(tmp_path):
     assert not stray.exists()  # no rank re-entered Hydra with the run-dir pattern
     entries = sorted(p.name for p in sweep.iterdir())
     assert len(entries) == 3 and entries[2] == "multirun.yaml"  # two job dirs, no second sweep started by a rank
-    assert entries[0].startswith("0_") and entries[1].startswith("1_")
+    assert entries[0].startswith("000_") and entries[1].startswith("001_")
     for job in job_dirs(sweep):
         res = json.loads((job / "results.json").read_text())
         assert res["protocol"]["world_size"] == 2 and res["protocol"]["step"] == 20
