@@ -48,13 +48,13 @@ def check_job(cfg: DictConfig, overrides: list[str], cache: dict | None = None) 
     and, for task=sample/evaluate over a checkpoint, the eval inputs and the job's sampler against the
     checkpoint's own schedule (ancestral at 700 steps over a T=500 checkpoint). `cache`: checkpoint path ->
     its stored config, so a sweep over one checkpoint reads it once."""
+    from hydra.core.hydra_config import HydraConfig
+
     from diffusion_lab.build import ConfigError, load_checkpoint, make
     from diffusion_lab.evaluation import check_eval_inputs
     from diffusion_lab.safety import allow_user_targets
     from diffusion_lab.tasks import _sampler_override
     from diffusion_lab.validate import validate
-
-    from hydra.core.hydra_config import HydraConfig
 
     hydra_config = HydraConfig.instance()
     previous = hydra_config.cfg

@@ -6,9 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import statistics
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import FAST, run_cli
 
 from diffusion_lab.report import read_scalars
@@ -192,3 +194,74 @@ def test_path_overrides_stay_in_the_table_but_make_no_plot_axis_or_legend(tmp_pa
     assert sorted(p.name for p in written) == ["plot_kid_mean_vs_experiment.png", "plot_kid_mean_vs_train_flops.png"]
     write_table(rows, "kid_mean", tmp_path / "results.md")
     assert "/runs/ae/last.ckpt" in (tmp_path / "results.md").read_text()
+
+
+def _fake_job(root: Path, num: int, overrides: list[str], metrics: dict, protocol: dict,
+              samples: torch.Tensor | None = None) -> Path:
+    """A finished sweep job as the collector reads it: .hydra/overrides.yaml, results.json, samples.pt."""
+    from diffusion_lab import job_dirname
+
+    job = root / job_dirname(num, ",".join(overrides))
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (job / "results.json").write_text(json.dumps({"metrics": metrics, "protocol": protocol}))
+    if samples is not None:
+        torch.save({"samples": samples, "labels": None}, job / "samples.pt")
+    return job
+
+
+def test_collector_mean_std_over_seeds_sweep_order_bars_and_checkpoint_column(tmp_path, monkeypatch):
+    from diffusion_lab import job_dirname, plots
+
+    nll = {("v", 0): 2.0, ("v", 1): 2.2, ("v", 2): 2.7, ("eps", 0): 3.0, ("eps", 1): 3.5, ("eps", 2): 3.1,
+           ("x0", 0): 4.0, ("x0", 1): 4.4, ("x0", 2): 4.1}
+    for num, ((objective, seed), value) in enumerate(nll.items()):  # sweep order v, eps, x0; 9 jobs -> 000..008
+        job = tmp_path / job_dirname(num, f"objective={objective},seed={seed}")
+        _fake_job(tmp_path, num, [f"objective={objective}", f"seed={seed}"], {"nll": value},
+                  {"checkpoint": str(job / "checkpoints" / "last.ckpt"), "step": 20, "nfe": 50})
+    figures = {}
+    real = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: (figures.__setitem__(Path(path).name, fig),
+                                                                 real(fig, path)))
+    collect(tmp_path)
+    table = (tmp_path / "results.md").read_text()
+    for objective in ("v", "eps", "x0"):  # statistics.stdev: the sample std (n - 1), an independent formula
+        values = [nll[(objective, s)] for s in range(3)]
+        want = f"| {objective} | 3 | {statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} |"
+        assert want in table, table
+    assert "| checkpoint |" in table.splitlines()[0]  # each job's own checkpoint, relative to the sweep dir
+    assert "| 004_objective=eps,seed=1/checkpoints/last.ckpt | 20 |" in table
+    ax = figures["plot_nll_vs_objective.png"].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["v", "eps", "x0"]  # the sweep's order, not sorted
+    heights = [bar.get_height() for bar in ax.patches]
+    assert heights == pytest.approx([statistics.mean([nll[(o, s)] for s in range(3)]) for o in ("v", "eps", "x0")])
+
+
+def test_collector_plots_nfe_on_log_x_and_draws_one_sample_per_step_count(tmp_path, monkeypatch):
+    from diffusion_lab import plots
+    from diffusion_lab.spaces import to_uint8
+
+    settings = [("ancestral", 100, 100), ("ancestral", 10, 10), ("ancestral", 300, 300), ("heun", 10, 19),
+                ("heun", 5, 9)]
+    images = {}
+    for num, (sampler, steps, nfe) in enumerate(settings):
+        x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(num)) * 2 - 1
+        images[(sampler, steps)] = to_uint8(x[:1])[0].permute(1, 2, 0).numpy()
+        _fake_job(tmp_path, num, [f"sampler={sampler}", f"sampler.steps={steps}"], {"kid_mean": 1 / nfe},
+                  {"sampler": sampler, "steps": steps, "nfe": nfe}, samples=x)
+    figures, tables = {}, []
+    real_table = plots.plot_sample_table
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.__setitem__(Path(path).name, fig))
+    monkeypatch.setattr(plots, "plot_sample_table", lambda table, **kw: (tables.append(table),
+                                                                         real_table(table, **kw))[1])
+    summary = collect(tmp_path)
+    assert figures["plot_kid_mean_vs_nfe.png"].axes[0].get_xscale() == "log"
+    assert figures["plot_kid_mean_vs_sampler.steps.png"].axes[0].get_xscale() == "log"  # 5..300 steps
+    assert str(tmp_path / "samples_vs_steps.png") in summary["plots"]
+    (table,) = tables
+    assert list(table) == ["ancestral", "heun"]  # a row per sampler, in sweep order; steps ascending in each
+    assert [name for name, _ in table["ancestral"]] == ["10 steps", "100 steps", "300 steps"]
+    assert [name for name, _ in table["heun"]] == ["5 steps\nNFE 9", "10 steps\nNFE 19"]
+    for (sampler, _), (name, value) in zip([("ancestral", 0)] * 3, table["ancestral"]):
+        steps = int(name.split()[0])
+        assert (value == images[(sampler, steps)]).all()  # the job's first sample, pixel for pixel
