@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -41,6 +42,8 @@ from diffusion_lab.preflight import (
 )
 from diffusion_lab.report import read_scalars, training_facts, write_report
 from diffusion_lab.samplers import nfe
+
+log = logging.getLogger("diffusion_lab")
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -366,4 +369,28 @@ def explore(cfg: DictConfig, run_dir: Path) -> dict:
     results = {"metrics": {}, "protocol": {"task": "explore", "seed": int(cfg.seed), "device": str(eval_device(cfg))},
                "stats": stats}
     write_json(run_dir / "results.json", results)
+    return results
+
+
+def export(cfg: DictConfig, run_dir: Path) -> dict:
+    """task=export: the real images of cfg.data's task.split (task.n: a seeded subset, the one the suite's
+    reference features use) as <run_dir>/real/000000.png ..., lossless uint8, for external metric tools."""
+    from diffusion_lab.imageio import export_pngs
+
+    datamodule = make(cfg, "data")
+    if not hasattr(datamodule, "real_uint8"):  # point data (STATES, moons): nothing an image metric could read
+        raise ConfigError(f"task=export: data {getattr(datamodule, 'name', type(datamodule).__name__)!r} is not image data; export writes image PNGs "
+                          "(data=mnist|cifar10|celeba64|imagefolder)")
+    split, n = str(cfg.task.split), cfg.task.get("n")
+    try:
+        images = datamodule.real_uint8(split, None if n is None else int(n))
+    except ValueError as exc:  # an unknown split, named by the datamodule ("MNIST has 'train' and 'test'")
+        raise ConfigError(f"task.split={split}: {str(exc).splitlines()[0]}") from exc
+    out = run_dir / "real"
+    count = export_pngs(images, out)
+    results = {"metrics": {}, "protocol": {"task": "export", "dataset": datamodule.name, "split": split,
+                                           "n": count, "subset_seed": int(datamodule.seed), "dir": str(out),
+                                           "shape": list(images.shape[1:])}}
+    write_json(run_dir / "results.json", results)
+    log.info("exported %d real %s images (%s) to %s", count, datamodule.name, split, out)
     return results

@@ -105,6 +105,7 @@ SCHEMA: dict[str, tuple[Callable, str]] = {
     "task.disc_ch": int_at_least(1),
     "task.disc_layers": int_at_least(1),
     "task.eval_n": optional(int_at_least(2)),
+    "task.n": optional(int_at_least(1)),  # task=export
     "task.eval_batch_size": int_at_least(1),
     "task.rfid": BOOL,
     "task.rfid_n": optional(int_at_least(2)),

@@ -9,12 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import FAST, REPO, compose_cfg, run_cli
 from test_image_runs import data_overrides
 
-from diffusion_lab import imageio
 from diffusion_lab.data import MNISTDataModule
 from diffusion_lab.fidelity import InceptionFeatures, fidelity_metrics
 
@@ -124,23 +124,57 @@ def test_reference_cache_is_hit_on_the_second_evaluation(tmp_path, mnist):
     assert p1["weights_sha256"] == p2["weights_sha256"] and len(p1["weights_sha256"]) == 64
 
 
-@needs_weights
-def test_exported_png_folder_is_read_by_the_fidelity_cli(tmp_path, extractor):
-    g = torch.Generator().manual_seed(0)
-    a = torch.rand(6, 3, 32, 32, generator=g) * 2 - 1
-    b = torch.rand(6, 3, 32, 32, generator=g) * 2 - 1
-    assert imageio.export_pngs(a, tmp_path / "a") == 6 and imageio.export_pngs(b, tmp_path / "b") == 6
-    fidelity = Path(sys.executable).with_name("fidelity")
-    proc = subprocess.run([str(fidelity), "--kid", "--kid-subset-size", "6", "--kid-subsets", "10", "--cpu",
-                           "--input1", str(tmp_path / "a"), "--input2", str(tmp_path / "b"),
-                           "--feature-extractor-weights-path", str(WEIGHTS), "--json"],
-                          capture_output=True, text=True, timeout=300)
+def fidelity_cli(*args: str) -> dict:
+    """torch-fidelity's own command line, offline: the weights flag the README recipe documents."""
+    proc = subprocess.run([str(Path(sys.executable).with_name("fidelity")), "--cpu", "--json", "--no-cache",
+                           "--feature-extractor-weights-path", str(WEIGHTS), *args], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    cli = json.loads(proc.stdout[proc.stdout.index("{"):])
-    ours, _ = fidelity_metrics(extractor(imageio.to_uint8(a)), extractor(imageio.to_uint8(b)), ["kid"],
-                               kid_subsets=10)
-    # PNG is lossless: the CLI's numbers on the files equal ours on the tensors
-    assert cli["kernel_inception_distance_mean"] == pytest.approx(ours["kid_mean"], abs=1e-6)
+    return json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
+@needs_weights
+def test_exported_real_pngs_and_generated_pngs_give_the_suites_kid_through_the_fidelity_cli(tmp_path):
+    """task=export writes the real test digits the suite's reference uses (the same seeded subset), task=evaluate
+    writes the generated samples/ folder and the suite's KID; torch-fidelity's CLI on the two folders (README
+    recipe: --feature-extractor-weights-path, --kid-subset-size below 1000) gives the same KID."""
+    data = data_overrides("mnist", tmp_path)
+    export = tmp_path / "export"
+    proc = run_cli(["experiment=mnist_ddpm", "task=export", "task.split=test", f"task.n={N}", *data,
+                    f"hydra.run.dir={export}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    real = sorted((export / "real").glob("*.png"))
+    assert len(real) == N and json.loads((export / "results.json").read_text())["protocol"]["n"] == N
+    from PIL import Image
+
+    dm = MNISTDataModule(root=data[0].split("=", 1)[1], download=False)
+    first = torch.from_numpy(np.array(Image.open(real[0])))
+    assert torch.equal(first, dm.real_uint8("test", N)[0, 0])  # lossless: the suite's reference image 0
+
+    generated = dm.real_uint8("train", N).float() / 127.5 - 1  # "samples": other digits, plus noise
+    generated = (generated + 0.3 * torch.randn(generated.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    np.savez(tmp_path / "gen.npz", samples=generated.numpy())
+    run = tmp_path / "evaluate"
+    proc = run_cli(["experiment=mnist_ddpm", "task=evaluate", f"samples={tmp_path / 'gen.npz'}", "eval.metrics=[kid]",
+                    "eval.reference.split=test", f"eval.reference.n={N}", f"eval.fidelity.weights={WEIGHTS}",
+                    f"eval.fidelity.cache_dir={tmp_path / 'cache'}", *data, f"hydra.run.dir={run}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    suite = json.loads((run / "results.json").read_text())
+    assert suite["protocol"]["kid_subset_size"] == N and len(list((run / "samples").glob("*.png"))) == N
+    cli = fidelity_cli("--kid", "--kid-subset-size", str(N), "--input1", str(run / "samples"),
+                       "--input2", str(export / "real"))
+    assert cli["kernel_inception_distance_mean"] == pytest.approx(suite["metrics"]["kid_mean"], abs=1e-6)
+    assert cli["kernel_inception_distance_std"] == pytest.approx(suite["metrics"]["kid_std"], abs=1e-6)
+    assert suite["metrics"]["kid_mean"] > 1e-3  # noisy digits vs clean ones: a real difference was measured
+
+
+def test_export_refuses_point_data_and_unknown_splits_in_one_line(tmp_path):
+    for args, message in ((["experiment=states"], "task=export: data 'states' is not image data"),
+                          (["experiment=mnist_ddpm", *data_overrides("mnist", tmp_path), "task.split=valid"],
+                           "task.split=valid: split='valid': MNIST has 'train' and 'test'")):
+        proc = run_cli([*args, "task=export", f"hydra.run.dir={tmp_path / 'run'}"])
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(err) == 1 and message in err[0], proc.stderr[-1500:]
+        assert not (tmp_path / "run" / "real").exists()
 
 
 def _table(report: str) -> dict[str, str]:
