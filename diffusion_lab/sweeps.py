@@ -37,7 +37,8 @@ DEFAULT_METRICS = ("nll", "fid", "kid_mean", "judge_accuracy", "accuracy", "test
 COMPUTE_FIELDS = ("parameters", "forward_gflops", "samples_seen", "train_flops", "sampling_flops", "cfg_factor",
                   "decode_gflops", "device_hours", "gpu_hours")
 # results.md: the columns that say what a job was and what it cost, when any job has them
-TABLE_EXTRA = ("protocol:checkpoint", "protocol:step", "protocol:backbone", "protocol:space", "protocol:guidance", "protocol:nfe", "compute:parameters",
+TABLE_EXTRA = ("protocol:checkpoint", "protocol:step", "protocol:backbone", "protocol:space", "protocol:guidance",
+               "protocol:nfe", "compute:parameters",
                "compute:forward_gflops", "compute:train_flops", "compute:sampling_flops", "compute:gpu_hours",
                "compute:device_hours", "protocol:wall_seconds")
 

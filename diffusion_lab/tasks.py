@@ -379,7 +379,8 @@ def export(cfg: DictConfig, run_dir: Path) -> dict:
 
     datamodule = make(cfg, "data")
     if not hasattr(datamodule, "real_uint8"):  # point data (STATES, moons): nothing an image metric could read
-        raise ConfigError(f"task=export: data {getattr(datamodule, 'name', type(datamodule).__name__)!r} is not image data; export writes image PNGs "
+        name = getattr(datamodule, "name", type(datamodule).__name__)
+        raise ConfigError(f"task=export: data {name!r} is not image data; export writes image PNGs "
                           "(data=mnist|cifar10|celeba64|imagefolder)")
     split, n = str(cfg.task.split), cfg.task.get("n")
     try:

@@ -151,7 +151,8 @@ def test_exported_real_pngs_and_generated_pngs_give_the_suites_kid_through_the_f
     assert torch.equal(first, dm.real_uint8("test", N)[0, 0])  # lossless: the suite's reference image 0
 
     generated = dm.real_uint8("train", N).float() / 127.5 - 1  # "samples": other digits, plus noise
-    generated = (generated + 0.3 * torch.randn(generated.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    noise = torch.randn(generated.shape, generator=torch.Generator().manual_seed(0))
+    generated = (generated + 0.3 * noise).clamp(-1, 1)
     np.savez(tmp_path / "gen.npz", samples=generated.numpy())
     run = tmp_path / "evaluate"
     proc = run_cli(["experiment=mnist_ddpm", "task=evaluate", f"samples={tmp_path / 'gen.npz'}", "eval.metrics=[kid]",

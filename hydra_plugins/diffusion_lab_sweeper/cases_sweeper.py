@@ -30,6 +30,15 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 
 @dataclass
+class CasesSweeperConf:
+    _target_: str = "hydra_plugins.diffusion_lab_sweeper.cases_sweeper.CasesSweeper"
+    max_batch_size: Optional[int] = None  # noqa: UP045
+    params: Optional[Dict[str, str]] = None  # noqa: UP006, UP045
+    cases: List[str] = field(default_factory=list)  # noqa: UP006
+    invalid: str = "drop"  # drop: leave invalid jobs out (one line each) | fail: refuse the sweep (exit 2)
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="cases", node=CasesSweeperConf, provider="diffusion_lab")
 log = logging.getLogger(__name__)
 
 
