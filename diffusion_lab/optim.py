@@ -1,4 +1,12 @@
-"""Learning-rate schedules as LambdaLR factories (config: lr_scheduler/*.yaml, _partial_)."""
+"""Learning-rate schedules as LambdaLR factories (config: lr_scheduler/*.yaml, _partial_).
+
+Why not torch's own LinearLR -> CosineAnnealingLR via SequentialLR, and ExponentialLR: within the planned
+steps they give the same learning rates (tests/test_optim.py compares the sequences, equal to 1e-12), but
+(a) past `total_steps` (a trainer.max_time run, a resumed run given more steps) CosineAnnealingLR is periodic
+and climbs back to the peak and ExponentialLR keeps decaying, where these hold at the final value; (b) every
+checkpoint written so far stores a LambdaLR state, which SequentialLR.load_state_dict cannot read, so resuming
+those runs would fail. One closed-form factor per step is also the formula as the papers write it.
+"""
 
 from __future__ import annotations
 

@@ -172,6 +172,7 @@ def validate(cfg: DictConfig) -> None:
     if steps == -1 and epochs in (None, -1) and budget is None and OmegaConf.select(cfg, "trainer") is not None:
         raise ConfigError("trainer.max_steps=-1: with trainer.max_epochs=-1 and no trainer.max_time training "
                           "would never end; set one")
+    check_extras(cfg)
     for key, what in FILES.items():
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
         if value in (None, ""):
@@ -184,3 +185,19 @@ def validate(cfg: DictConfig) -> None:
     judge = OmegaConf.select(cfg, "eval.judge", default=None)
     if judge and classes is None:
         raise ConfigError(f"eval.judge={judge}: judging needs class requests (eval.classes=all or a list)")
+
+
+# choices whose package is an optional extra (pyproject [project.optional-dependencies]): target -> (key, package)
+EXTRAS = {"lightning.pytorch.loggers.WandbLogger": ("logger", "wandb"),
+          "lightning.pytorch.loggers.MLFlowLogger": ("logger", "mlflow")}
+
+
+def check_extras(cfg: DictConfig) -> None:
+    """A chosen optional extra must be installed: one line naming the choice and the pip command, before any
+    work (Lightning would fail at the first log call, after the data and model were built)."""
+    import importlib.util
+
+    for target, (key, package) in EXTRAS.items():
+        if OmegaConf.select(cfg, f"{key}._target_", default=None) == target and not importlib.util.find_spec(package):
+            raise ConfigError(f"{key}={package}: the {package} package is not installed (an optional extra: "
+                              f"pip install -e '.[{package}]')")
