@@ -30,7 +30,11 @@ def _fail(msg: str, code: int = 2):
 
 
 def check_group_choices(conf_dir: Path, argv: list[str]) -> None:
-    """Reject `group=choice` overrides whose YAML does not exist, naming the allowed choices."""
+    """Reject `group=choice` overrides whose YAML does not exist, naming the allowed choices.
+
+    Hydra refuses them too, but as a multi-line MissingConfigException ("In 'config': Could not find
+    'objective/foo'", then "Available options in 'objective':" one per line, then the HYDRA_FULL_ERROR hint)
+    after it has started; the suite's contract for bad input is one line and exit 2 before anything starts."""
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
