@@ -240,7 +240,7 @@ def test_imagenet100_autoencoder_runs_on_a_128px_imagefolder(tmp_path):
     run = tmp_path / "run"
     proc = run_cli(["experiment=imagenet100_autoencoder", *FAST, f"data.root={tmp_path / 'in100'}",
                     "data.num_workers=0", "data.batch_size=2", "trainer.max_steps=2", f"lpips.weights={LPIPS_DIR}",
-                    "task.rfid=false", f"hydra.run.dir={run}"], timeout=900)
+                    "task.rfid=false", f"hydra.run.dir={run}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
     assert results["protocol"]["heldout"] == {"dataset": "imagefolder", "split": "validation", "n": 4, "subset_seed": 0,

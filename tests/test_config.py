@@ -115,14 +115,14 @@ def test_invalid_values_name_the_key(override, expect, tmp_path):
      "error: sampler=nope: unknown choice; allowed: ancestral, ddim, dpmpp_2m, dpmpp_3m, edm, euler, heun"),
 ])
 def test_cli_errors_are_one_line(args, needle, tmp_path):
-    proc = run_cli([*args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep"], timeout=120)
+    proc = run_cli([*args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep"])
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert lines == [needle], proc.stderr[-2000:]
 
 
 def test_cfg_job_prints_composed_config():
-    proc = run_cli(["--cfg", "job"], timeout=120)
+    proc = run_cli(["--cfg", "job"])
     assert proc.returncode == 0, proc.stderr
     for key in ("data:", "model:", "schedule:", "objective:", "sampler:", "optimizer:", "trainer:"):
         assert f"\n{key}" in "\n" + proc.stdout

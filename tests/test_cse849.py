@@ -216,7 +216,7 @@ def test_full_course_recipe_on_the_course_file(tmp_path):
                   f"hydra.run.dir={clf}"],
                  ["experiment=states_guided", f"ckpt={model}/checkpoints/last.ckpt",
                   f"guidance.ckpt={clf}/checkpoints/last.ckpt", f"hydra.run.dir={guided}"]):
-        proc = run_cli(args, env=env, timeout=1800)
+        proc = run_cli(args, env=env)
         assert proc.returncode == 0, (args, proc.stderr[-3000:])
     assert _results(model)["metrics"]["nll"] < 2.3
     res = _results(guided)

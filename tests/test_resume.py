@@ -33,14 +33,14 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     args = [sys.executable, str(REPO / "run.py"), *RUN, f"hydra.run.dir={killed_dir}", *slow]
     child = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     step20 = killed_dir / "checkpoints" / "step0000020.ckpt"
-    deadline = time.time() + 300
     last = killed_dir / "checkpoints" / "last.ckpt"
 
     def last_step() -> int:  # last.ckpt is replaced atomically, so a read never sees a partial file
         return torch.load(last, weights_only=True)["global_step"] if last.exists() else -1
 
     # ModelCheckpoint writes step0000020.ckpt and then last.ckpt: wait for both, then kill.
-    while (not step20.exists() or last_step() < 20) and time.time() < deadline and child.poll() is None:
+    # no deadline: a busy machine only makes this wait longer (the loop ends when the child does)
+    while (not step20.exists() or last_step() < 20) and child.poll() is None:
         time.sleep(0.05)
     os.kill(child.pid, signal.SIGKILL)
     child.wait()

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
     (["experiment=states_rf", "sampler=heun"], 2.4),  # rectified flow, Heun
 ])
 def test_states_recipe_reaches_the_course_bar(args, threshold, tmp_path):
-    proc = run_cli([*args, "callbacks.progress=null", f"hydra.run.dir={tmp_path}"], timeout=900)
+    proc = run_cli([*args, "callbacks.progress=null", f"hydra.run.dir={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["protocol"]["n_samples"] == 5000

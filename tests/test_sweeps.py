@@ -155,7 +155,7 @@ def test_fake_four_gpu_machine_gives_each_joblib_job_its_own_device(tmp_path):
 def test_ddp_job_inside_a_multirun_keeps_one_output_dir_per_job(tmp_path):
     sweep, stray = tmp_path / "sweep", tmp_path / "stray"
     proc = run_cli(["-m", "experiment=states", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                    "seed=0,1", f"hydra.sweep.dir={sweep}", f"hydra.run.dir={stray}"], timeout=900)
+                    "seed=0,1", f"hydra.sweep.dir={sweep}", f"hydra.run.dir={stray}"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert not stray.exists()  # no rank re-entered Hydra with the run-dir pattern
     entries = sorted(p.name for p in sweep.iterdir())
@@ -176,7 +176,7 @@ def test_submitit_launchers(tmp_path):
         assert line in proc.stdout, line
     sweep = tmp_path / "sweep"
     proc = run_cli(["-m", "experiment=states", *TINY, "seed=0,1", "hydra/launcher=submitit_local",
-                    "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}"], timeout=900)
+                    "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all((j / "results.json").is_file() for j in job_dirs(sweep)) and len(job_dirs(sweep)) == 2
 
