@@ -277,16 +277,18 @@ def plot_metric_series(series: Mapping[str, Sequence[tuple]], xlabel: str, ylabe
     if numeric:
         for i, (label, pts) in enumerate(series.items()):
             pts = sorted((float(p[0]), float(p[1]), float(p[2]) if len(p) > 2 else 0.0) for p in pts)
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-",
-                        color=f"C{i % 10}", label=label, capsize=3)
+            yerr = [p[2] for p in pts] if any(p[2] for p in pts) else None  # no caps without a spread
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=yerr, fmt="o-", color=f"C{i % 10}",
+                        label=label, capsize=3)
     else:
         cats = list(dict.fromkeys(str(p[0]) for pts in series.values() for p in pts))
         width = 0.8 / max(len(series), 1)
         for i, (label, pts) in enumerate(series.items()):
             values = {str(p[0]): (float(p[1]), float(p[2]) if len(p) > 2 else 0.0) for p in pts}
             xs = [j + i * width for j, c in enumerate(cats) if c in values]
+            yerr = [values[c][1] for c in cats if c in values]
             ax.bar(xs, [values[c][0] for c in cats if c in values], width=width, color=f"C{i % 10}", label=label,
-                   yerr=[values[c][1] for c in cats if c in values], capsize=3)
+                   yerr=yerr if any(yerr) else None, capsize=3)
         ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(cats))], cats)
     if numeric and logx:
         ax.set_xscale("log")
