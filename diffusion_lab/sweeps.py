@@ -3,17 +3,18 @@
 Reads every job directory of a Hydra multirun (the ones holding .hydra/overrides.yaml), and writes
 results.csv (every override, metric and the key protocol fields per job, with the compute each job spent:
 parameters, GFLOPs per forward, training and sampling FLOPs, device-hours; the backbone and space),
-results.md (a Markdown table) and plots of the metric against each swept key (lines per sampler for steps,
-bars for categorical keys such as the objective), against NFE and against training FLOPs (log x) when
-those differ between jobs, and against any column asked for with --x. Jobs without results.json are
-marked "failed" (error.txt present, written by run_task when a job raises) or "unfinished"; they never
-stop the collector.
+results.md (a Markdown table, with the checkpoint each job wrote or read, and a second table of mean ± std
+over seeds when seeds were swept) and plots of the metric against each swept key (lines per sampler for
+steps, log x over a decade or more; bars in the sweep's order for categorical keys such as the objective;
+means with std error bars over seeds), against NFE and against training FLOPs (log x) when those differ
+between jobs, and against any column asked for with --x; with the sampling steps swept, samples_vs_steps.png
+(one sample per setting side by side, CMU 10-799 HW1 Q7). Jobs without results.json are marked "failed"
+(error.txt present, written by run_task when a job raises) or "unfinished"; they never stop the collector.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import math
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion_lab import plots
 from diffusion_lab.spaces import space_name
@@ -41,50 +41,6 @@ TABLE_EXTRA = ("protocol:checkpoint", "protocol:step", "protocol:backbone", "pro
                "protocol:nfe", "compute:parameters",
                "compute:forward_gflops", "compute:train_flops", "compute:sampling_flops", "compute:gpu_hours",
                "compute:device_hours", "protocol:wall_seconds")
-
-
-def check_job(cfg: DictConfig, overrides: list[str], cache: dict | None = None) -> str | None:
-    """Why a sweep job would fail on its config (None: it would not), checked before it launches
-    (hydra_plugins/diffusion_lab_sweeper): the checks run_task makes first (allowed targets, the config schema)
-    and, for task=sample/evaluate over a checkpoint, the eval inputs and the job's sampler against the
-    checkpoint's own schedule (ancestral at 700 steps over a T=500 checkpoint). `cache`: checkpoint path ->
-    its stored config, so a sweep over one checkpoint reads it once."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from diffusion_lab.build import ConfigError, load_checkpoint, make
-    from diffusion_lab.evaluation import check_eval_inputs
-    from diffusion_lab.safety import allow_user_targets
-    from diffusion_lab.tasks import TRAIN_TARGET, _sampler_override
-    from diffusion_lab.validate import validate
-
-    hydra_config = HydraConfig.instance()
-    previous = hydra_config.cfg
-    cache = {} if cache is None else cache
-    try:
-        if "hydra" in cfg:
-            hydra_config.set_config(cfg)  # ${hydra:runtime.choices.experiment} etc. resolve as in the job
-        cfg = copy.deepcopy(cfg)
-        with open_dict(cfg):
-            cfg.pop("hydra", None)  # what the job's function receives; its run dir does not exist yet
-            cfg.run_dir = "<sweep job dir>"
-        allow_user_targets(cfg.get("allow_targets"))
-        validate(cfg)
-        target = str(OmegaConf.select(cfg, "task._target_", default=""))
-        if target.endswith((".sample", ".evaluate")) and cfg.get("ckpt") and not cfg.get("samples"):
-            check_eval_inputs(cfg.eval)
-            path = str(cfg.ckpt)
-            if path not in cache:
-                cache[path] = OmegaConf.create(load_checkpoint(path)["config"])
-            saved = cache[path]
-            kind = OmegaConf.select(saved, "task._target_", default=None)
-            if kind != TRAIN_TARGET:  # what task=sample would refuse after loading the weights
-                raise ConfigError(f"ckpt={path}: written by task {kind}, not a diffusion model")
-            _sampler_override(cfg, saved, make(saved, "schedule"), overrides)  # built and dry-run on that schedule
-    except ConfigError as exc:
-        return str(exc)
-    finally:
-        hydra_config.cfg = previous
-    return None
 
 
 def _job_dirs(root: Path) -> list[Path]:

@@ -10,7 +10,7 @@ overrides, times the usual `params` product (and any sweep on the command line):
         params: {seed: "0,1"}            # optional, crossed with every case
 
 Before anything launches, every job's config is composed and checked as the job itself would check it
-(diffusion_lab.sweeps.check_job: the config schema, eval inputs and, for task=sample/evaluate, the sampler
+(diffusion_lab.jobcheck.check_job: the config schema, eval inputs and, for task=sample/evaluate, the sampler
 against the checkpoint's own schedule: ancestral at 700 steps over a T=500 checkpoint). `invalid: drop`
 (default) leaves such jobs out, one line each naming the job and why; `invalid: fail` refuses the whole
 sweep in one line (exit 2). No job that would fail on its config is ever launched. Everything else
@@ -76,7 +76,7 @@ class CasesSweeper(BasicSweeper):
 
     def _valid_jobs(self, jobs: list[list[str]]) -> list[list[str]]:
         """The jobs whose composed config passes check_job; the others dropped (one line each) or refused."""
-        from diffusion_lab.sweeps import check_job  # lazy: plugin discovery must not import torch
+        from diffusion_lab.jobcheck import check_job  # lazy: plugin discovery must not import torch
 
         kept, dropped = [], []
         loader, cache = self.hydra_context.config_loader, {}
