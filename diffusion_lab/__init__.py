@@ -37,7 +37,8 @@ def job_dirname(num, overrides: str = "", limit: int = 120) -> str:
     (the largest, solvers x seeds, has 360 jobs); the resolver never learns the sweep's size (it runs in each
     launcher worker), and the collector sorts by the number itself in any case."""
     overrides = ",".join(_path_free(item) for item in overrides.split(",")) if overrides else overrides
-    num = f"{int(num):03d}"
+    head, sep, tail = str(num).partition("_")  # a sweep may prefix more: `${hydra.job.num}_${...experiment}`
+    num = f"{int(head):03d}{sep}{tail}" if head.isdigit() else str(num)
     name = f"{num}_{overrides}" if overrides else num
     if len(name) <= limit:
         return name

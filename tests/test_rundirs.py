@@ -162,6 +162,7 @@ def test_job_dirname_keeps_path_values_as_file_name_and_hash():
     # zero-padded: `ls` order is launch order (10 after 2), what a plain string sort gives
     names = [job_dirname(i, "seed=0") for i in range(12)]
     assert sorted(names) == names and names[10] == "010_seed=0"
+    assert job_dirname("7_mnist_dit", "seed=0") == "007_mnist_dit_seed=0"  # a sweep's own `<num>_<name>` prefix
 
 
 @pytest.mark.slow
