@@ -84,8 +84,9 @@ class CasesSweeper(BasicSweeper):
             cfg = loader.load_sweep_config(self.config, list(job))
             reason = check_job(cfg, list(job), cache)
             (dropped if reason else kept).append((job, reason))
-        for job, reason in dropped:
-            line = f"job `{' '.join(job)}`: {reason}"
+        common = set.intersection(*(set(job) for job in jobs)) if len(jobs) > 1 else set()
+        for job, reason in dropped:  # named by what sets it apart (the case and swept values), not ckpt=... etc.
+            line = f"job `{' '.join(o for o in job if o not in common)}`: {reason}"
             if self.invalid == "fail":
                 print(f"error: {line} (hydra.sweeper.invalid=fail: nothing launched)", file=sys.stderr)
                 raise SystemExit(2)
