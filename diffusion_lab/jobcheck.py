@@ -34,6 +34,8 @@ def check_job(cfg: DictConfig, overrides: list[str], cache: dict | None = None) 
         allow_user_targets(cfg.get("allow_targets"))
         validate(cfg)
         target = str(OmegaConf.select(cfg, "task._target_", default=""))
+        if target.endswith((".sample", ".evaluate")) and not cfg.get("ckpt") and not cfg.get("samples"):
+            raise ConfigError("ckpt=null: task=sample/evaluate needs ckpt=<path to a .ckpt>")
         if target.endswith((".sample", ".evaluate")) and cfg.get("ckpt") and not cfg.get("samples"):
             check_eval_inputs(cfg.eval)
             path = str(cfg.ckpt)
