@@ -111,22 +111,40 @@ def test_cases_sweeper_sampling_steps_over_one_checkpoint(tmp_path, tiny_ckpt):
     assert summary["status"]["ok"] == 6 and any("vs_sampler.steps" in p for p in summary["plots"])
 
 
-def test_sampling_steps_sweep_over_a_T500_checkpoint_never_launches_an_invalid_job(tmp_path):
-    """The shipped sweep=sampling_steps (ancestral up to 1000 steps) over a T=500 checkpoint: the 700/900/1000
-    jobs are left out before anything launches, one line each; invalid=fail refuses the sweep, launching nothing."""
-    run = tmp_path / "t500"
+@pytest.fixture(scope="module")
+def t500_ckpt(tmp_path_factory):
+    run = tmp_path_factory.mktemp("t500")
     proc = run_cli(["experiment=states", *TINY, "timesteps=500", "trainer.max_steps=2", f"hydra.run.dir={run}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = run / "checkpoints" / "last.ckpt"
+    return run / "checkpoints" / "last.ckpt"
+
+
+def test_sampling_steps_sweep_over_a_T500_checkpoint_never_launches_an_invalid_job(tmp_path, t500_ckpt):
+    """The shipped sweep=sampling_steps (ancestral up to 1000 steps) over a T=500 checkpoint: invalid=fail refuses
+    it in one line, launching nothing; in the default drop mode a 700-step job is left out with one line while
+    the valid one runs (the whole shipped sweep, 15 of 18 jobs launched: the slow test below)."""
     refused = tmp_path / "refused"
-    proc = run_cli(["-m", "sweep=sampling_steps", f"ckpt={ckpt}", "hydra.sweeper.invalid=fail",
+    proc = run_cli(["-m", "sweep=sampling_steps", f"ckpt={t500_ckpt}", "hydra.sweeper.invalid=fail",
                     f"hydra.sweep.dir={refused}"])
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
-    assert "sampler=ancestral sampler.steps=700" in err[0] and "T=500" in err[0] and "nothing launched" in err[0]
-    assert not refused.exists() or not job_dirs(refused)
+    assert "job `sampler=ancestral sampler.steps=700`: sampler.steps=700: expected 1 <= steps <= T=500" in err[0]
+    assert "nothing launched" in err[0] and (not refused.exists() or not job_dirs(refused))
     sweep = tmp_path / "sweep"
-    proc = run_cli(["-m", "sweep=sampling_steps", f"ckpt={ckpt}", "eval.n_samples=8", f"hydra.sweep.dir={sweep}"])
+    cases = '["sampler=ancestral sampler.steps=500","sampler=ancestral sampler.steps=700"]'
+    proc = run_cli(["-m", "sweep=sampling_steps", f"ckpt={t500_ckpt}", "eval.n_samples=8",
+                    f"hydra.sweeper.cases={cases}", f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "not launching job `sampler.steps=700`: sampler.steps=700: expected 1 <= steps <= T=500" in out
+    (job,) = job_dirs(sweep)
+    assert json.loads((job / "results.json").read_text())["protocol"]["steps"] == 500
+
+
+@pytest.mark.slow
+def test_the_whole_sampling_steps_sweep_over_a_T500_checkpoint_launches_its_15_valid_jobs(tmp_path, t500_ckpt):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "sweep=sampling_steps", f"ckpt={t500_ckpt}", "eval.n_samples=8", f"hydra.sweep.dir={sweep}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     for steps in (700, 900, 1000):
