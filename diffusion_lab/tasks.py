@@ -372,7 +372,7 @@ def explore(cfg: DictConfig, run_dir: Path) -> dict:
     return results
 
 
-def export(cfg: DictConfig, run_dir: Path) -> dict:
+def export(cfg: DictConfig, run_dir: Path, split: str = "train", n: int | None = None) -> dict:
     """task=export: the real images of cfg.data's task.split (task.n: a seeded subset, the one the suite's
     reference features use) as <run_dir>/real/000000.png ..., lossless uint8, for external metric tools."""
     from diffusion_lab.imageio import export_pngs
@@ -382,7 +382,7 @@ def export(cfg: DictConfig, run_dir: Path) -> dict:
         name = getattr(datamodule, "name", type(datamodule).__name__)
         raise ConfigError(f"task=export: data {name!r} is not image data; export writes image PNGs "
                           "(data=mnist|cifar10|celeba64|imagefolder)")
-    split, n = str(cfg.task.split), cfg.task.get("n")
+    split = str(split)
     try:
         images = datamodule.real_uint8(split, None if n is None else int(n))
     except ValueError as exc:  # an unknown split, named by the datamodule ("MNIST has 'train' and 'test'")

@@ -136,32 +136,34 @@ def fidelity_cli(*args: str) -> dict:
 def test_exported_real_pngs_and_generated_pngs_give_the_suites_kid_through_the_fidelity_cli(tmp_path):
     """task=export writes the real test digits the suite's reference uses (the same seeded subset), task=evaluate
     writes the generated samples/ folder and the suite's KID; torch-fidelity's CLI on the two folders (README
-    recipe: --feature-extractor-weights-path, --kid-subset-size below 1000) gives the same KID."""
+    recipe: --feature-extractor-weights-path, --kid-subset-size below 1000) gives the same KID. 20 images a side:
+    Inception on the CPU runs four times here (suite and CLI, real and generated)."""
+    n = 20
     data = data_overrides("mnist", tmp_path)
     export = tmp_path / "export"
-    proc = run_cli(["experiment=mnist_ddpm", "task=export", "task.split=test", f"task.n={N}", *data,
+    proc = run_cli(["experiment=mnist_ddpm", "task=export", "task.split=test", f"task.n={n}", *data,
                     f"hydra.run.dir={export}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     real = sorted((export / "real").glob("*.png"))
-    assert len(real) == N and json.loads((export / "results.json").read_text())["protocol"]["n"] == N
+    assert len(real) == n and json.loads((export / "results.json").read_text())["protocol"]["n"] == n
     from PIL import Image
 
     dm = MNISTDataModule(root=data[0].split("=", 1)[1], download=False)
     first = torch.from_numpy(np.array(Image.open(real[0])))
-    assert torch.equal(first, dm.real_uint8("test", N)[0, 0])  # lossless: the suite's reference image 0
+    assert torch.equal(first, dm.real_uint8("test", n)[0, 0])  # lossless: the suite's reference image 0
 
-    generated = dm.real_uint8("train", N).float() / 127.5 - 1  # "samples": other digits, plus noise
+    generated = dm.real_uint8("train", n).float() / 127.5 - 1  # "samples": other digits, plus noise
     noise = torch.randn(generated.shape, generator=torch.Generator().manual_seed(0))
     generated = (generated + 0.3 * noise).clamp(-1, 1)
     np.savez(tmp_path / "gen.npz", samples=generated.numpy())
     run = tmp_path / "evaluate"
     proc = run_cli(["experiment=mnist_ddpm", "task=evaluate", f"samples={tmp_path / 'gen.npz'}", "eval.metrics=[kid]",
-                    "eval.reference.split=test", f"eval.reference.n={N}", f"eval.fidelity.weights={WEIGHTS}",
+                    "eval.reference.split=test", f"eval.reference.n={n}", f"eval.fidelity.weights={WEIGHTS}",
                     f"eval.fidelity.cache_dir={tmp_path / 'cache'}", *data, f"hydra.run.dir={run}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     suite = json.loads((run / "results.json").read_text())
-    assert suite["protocol"]["kid_subset_size"] == N and len(list((run / "samples").glob("*.png"))) == N
-    cli = fidelity_cli("--kid", "--kid-subset-size", str(N), "--input1", str(run / "samples"),
+    assert suite["protocol"]["kid_subset_size"] == n and len(list((run / "samples").glob("*.png"))) == n
+    cli = fidelity_cli("--kid", "--kid-subset-size", str(n), "--input1", str(run / "samples"),
                        "--input2", str(export / "real"))
     assert cli["kernel_inception_distance_mean"] == pytest.approx(suite["metrics"]["kid_mean"], abs=1e-6)
     assert cli["kernel_inception_distance_std"] == pytest.approx(suite["metrics"]["kid_std"], abs=1e-6)
