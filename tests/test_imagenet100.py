@@ -139,8 +139,7 @@ def test_the_sweep_runs_exactly_the_eight_rows():
 
 
 def test_a_tree_with_other_classes_fails_in_one_line_before_any_work(in100, tmp_path):
-    proc = run_cli(["experiment=imagenet100_ddpm", f"data.root={in100}", f"hydra.run.dir={tmp_path / 'run'}"],
-                   timeout=300)
+    proc = run_cli(["experiment=imagenet100_ddpm", f"data.root={in100}", f"hydra.run.dir={tmp_path / 'run'}"])
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert proc.returncode == 2 and lines == [
         "error: data.num_classes=100: expected 0 (unconditional) or 3 (the classes of imagenet100)"], proc.stderr
@@ -148,7 +147,7 @@ def test_a_tree_with_other_classes_fails_in_one_line_before_any_work(in100, tmp_
 
 
 def test_a_latent_row_without_the_autoencoder_names_the_key(tmp_path):
-    proc = run_cli(["experiment=imagenet100_ddpm_vae", f"hydra.run.dir={tmp_path / 'run'}"], timeout=300)
+    proc = run_cli(["experiment=imagenet100_ddpm_vae", f"hydra.run.dir={tmp_path / 'run'}"])
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert proc.returncode == 2 and lines == [
         "error: autoencoder_ckpt: missing; expected an autoencoder .ckpt written by task=train_autoencoder "
@@ -159,8 +158,7 @@ def multirun(cases: list[str], extra: list[str], in100: Path, ae_ckpt: Path, tmp
     """One Hydra multirun of sweep=imagenet100_table (its launcher, cases and per-job directories)."""
     quoted = ",".join(f'"{case}"' for case in cases)
     proc = run_cli(["-m", "sweep=imagenet100_table", f"hydra.sweeper.cases=[{quoted}]",
-                    f"hydra.sweep.dir={tmp_path / 'sweep'}", *run_args(in100, ae_ckpt, tmp_path), *extra],
-                   timeout=3600)
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}", *run_args(in100, ae_ckpt, tmp_path), *extra])
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = {}
     for results in (tmp_path / "sweep").glob("*/results.json"):
