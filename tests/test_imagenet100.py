@@ -192,7 +192,7 @@ def test_a_pixel_row_and_a_dit_row_run_debug_fast_as_one_sweep(in100, ae_ckpt, t
     assert sorted(check_row(job, res, n=1) for job, res in jobs.items()) == ["imagenet100_ddpm",
                                                                             "imagenet100_dit_vae_cfg_12"]
     names = sorted(job.name for job in jobs)  # the row leads each job's directory name
-    assert names[0].startswith("0_imagenet100_ddpm_") and names[1].startswith("1_imagenet100_dit_vae_cfg_12_")
+    assert names[0].startswith("000_imagenet100_ddpm_") and names[1].startswith("001_imagenet100_dit_vae_cfg_12_")
 
 
 @pytest.mark.slow  # all eight rows at their configured sizes: ~10 min on 2 cores (make test-slow)
