@@ -330,9 +330,8 @@ def collect(root: str | Path, metric: str | None = None, x: list[str] | tuple[st
     write_table(rows, metric, root / "results.md")
     if metric and any(a in SEED_KEYS for a in _swept(rows)):
         write_seed_table(*seed_summary(rows, metric), metric, root / "results.md")
-    figures = write_plots(rows, metric, root, extra_x) if metric else []
     strip = write_samples_vs_steps(rows, root)
-    figures += [strip] if strip else []
+    figures = ([strip] if strip else []) + (write_plots(rows, metric, root, extra_x) if metric else [])
     status = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "unfinished", "unreadable")}
     return {"jobs": len(rows), "status": status, "metric": metric, "csv": str(root / "results.csv"),
             "table": str(root / "results.md"), "plots": [str(p) for p in figures]}
