@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from helpers import CONF, compose_cfg, run_cli
@@ -64,6 +66,12 @@ def test_every_choice_composes_and_builds(group, choice, tmp_path):
     if group == "autoencoder":
         overrides += ["data=mnist", "data.pad_to_32=true", "data.image_size=32"]
     cfg = compose_cfg(overrides, tmp_path)
+    if group == "logger" and choice in ("wandb", "mlflow") and importlib.util.find_spec(choice) is None:
+        from diffusion_lab.validate import check_extras  # optional extras: refused in one line when absent
+
+        with pytest.raises(ConfigError, match=f"logger={choice}: the {choice} package is not installed"):
+            check_extras(cfg)
+        return
     if group == "sweep":  # sweep configs only add hydra.sweeper settings (and a task) to any experiment
         assert cfg.get("eval") is not None
         return
