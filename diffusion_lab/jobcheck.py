@@ -15,10 +15,10 @@ def check_job(cfg: DictConfig, overrides: list[str], cache: dict | None = None) 
     its stored config, so a sweep over one checkpoint reads it once."""
     from hydra.core.hydra_config import HydraConfig
 
-    from diffusion_lab.build import ConfigError, load_checkpoint, make
+    from diffusion_lab.build import TRAIN_TARGET, ConfigError, load_checkpoint, make
     from diffusion_lab.evaluation import check_eval_inputs
     from diffusion_lab.safety import allow_user_targets
-    from diffusion_lab.tasks import TRAIN_TARGET, _sampler_override
+    from diffusion_lab.tasks import _sampler_override
     from diffusion_lab.validate import validate
 
     hydra_config = HydraConfig.instance()
