@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from diffusion_lab.fileio import atomic_path
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save into a temp file in the target's directory, fsync, os.replace; torch.load(weights_only=True).
+    """torch.save into a temp file in the target's directory, fsync, os.replace (fileio.atomic_path: the umask's
+    file mode); torch.load(weights_only=True).
 
     Lightning's default goes through an fsspec transaction whose temp file lives in the system temp dir,
     so the final move can be a cross-device copy: a crash mid-copy would leave a truncated last.ckpt.
@@ -19,18 +18,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".ckpt")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(path, fsync=True) as tmp:
+            torch.save(checkpoint, tmp)
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict:
         # Never unpickle arbitrary objects from a checkpoint file (resume included).

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from diffusion_lab.fileio import atomic_path
 
 log = logging.getLogger("diffusion_lab")
 
@@ -105,11 +105,8 @@ class ReferenceCache:
             except Exception as exc:  # a corrupt cache entry is recomputed, never trusted
                 log.warning("reference cache %s unreadable (%s): recomputing", path, type(exc).__name__)
         feats = compute()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp_", suffix=".pt")
-        os.close(fd)
-        torch.save(feats, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(feats, tmp)
         return feats, False
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -11,6 +9,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from diffusion_lab.fileio import atomic_path
 from diffusion_lab.spaces import to_uint8  # the pixel space owns the [-1, 1] <-> uint8 mapping
 
 
@@ -27,15 +26,8 @@ def _pil(grid: Tensor) -> Image.Image:
 
 
 def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=path.suffix)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_grid(x: Tensor, path: Path, nrow: int | None = None) -> None:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.fileio import atomic_path
 from diffusion_lab.spaces import ChannelMoments
 
 log = logging.getLogger("diffusion_lab")
@@ -76,11 +75,8 @@ def load_or_build(datamodule, space, cache_dir: str | Path, split: str = "train"
         log.info("encoding the %s split of %s once into the latent cache %s", split, datamodule.name, path)
         cache = build_cache(datamodule, space, split, seed)
         cache["fields"] = json.dumps(fields, sort_keys=True, default=str)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".pt")
-        os.close(fd)
-        torch.save(cache, tmp)
-        os.replace(tmp, path)  # concurrent builders of one key write the same bytes; the last rename wins
+        with atomic_path(path) as tmp:  # concurrent builders of one key write the same bytes; the last rename wins
+            torch.save(cache, tmp)
     protocol = {"latent_cache": {"key": key, "path": str(path), "hit": hit, "n": len(cache["posterior"]),
                                  "flips": int(cache["posterior"].shape[1])}}
     return cache, protocol

@@ -9,15 +9,15 @@ long training runs).  No function ever calls ``plt.show``.
 from __future__ import annotations
 
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from diffusion_lab.fileio import atomic_path
 
 __all__ = [
     "save_figure",
@@ -60,20 +60,11 @@ def _limits(*arrays, pad: float = 0.1) -> tuple[tuple[float, float], tuple[float
 
 def save_figure(fig: Figure, path) -> None:
     """Write fig as PNG (dpi 120, tight bbox) atomically via temp file + os.replace, then close it."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # Temp file in the same directory so os.replace is an atomic rename: readers (TensorBoard,
-    # a report builder) never see a half-written PNG.
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".png")
     try:
-        with os.fdopen(fd, "wb") as fh:
+        # Temp file in the same directory so the rename is atomic: readers (TensorBoard, a report builder)
+        # never see a half-written PNG.
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     finally:
         # Only touch pyplot if the caller already uses it (it may own this figure).
         if "matplotlib.pyplot" in sys.modules:

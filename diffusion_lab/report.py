@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from diffusion_lab.compute import trainer_scale
+from diffusion_lab.fileio import atomic_write_text
 
 
 def _fmt(value) -> str:
@@ -88,7 +89,5 @@ def write_report(run_dir: Path, title: str, facts: dict, results: dict, images: 
     protocol = json.dumps(results.get("protocol", {}), indent=2, default=str)
     lines += ["", "## Protocol", "", "```json", protocol, "```", ""]
     path = run_dir / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    atomic_write_text(path, "\n".join(lines))
     return path

@@ -25,6 +25,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.errors import RunError
+from diffusion_lab.fileio import atomic_write_text
 
 # Keys that say how a run executes, not what it computes: a resume may change them.
 EXECUTION_KEYS = ("force", "auto_resume", "device_per_job", "eval.device", "eval.fidelity.cache_dir",
@@ -193,9 +194,7 @@ def claim(cfg: DictConfig, run_dir: Path, hydra_cfg=None, key: str = "hydra.run.
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp_{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _log_to_file(path: Path) -> None:

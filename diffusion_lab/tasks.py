@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from diffusion_lab.build import (
 )
 from diffusion_lab.callbacks import EMA
 from diffusion_lab.evaluation import check_eval_inputs, check_judge, judge_metrics
+from diffusion_lab.fileio import atomic_write_text
 from diffusion_lab.guidance import ClassifierGuidance, requested_labels
 from diffusion_lab.guidance import describe as guidance_describe
 from diffusion_lab.preflight import (
@@ -48,11 +48,7 @@ log = logging.getLogger("diffusion_lab")
 
 def write_json(path: Path, obj: dict) -> None:
     """Atomic JSON write (temp file + rename): a crash never leaves a truncated results.json."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2, default=str)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def _device_name(device: torch.device) -> str:
@@ -124,11 +120,7 @@ def generate_and_evaluate(module, datamodule, cfg: DictConfig, run_dir: Path, pr
 
 def _save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
     """config.yaml, written atomically (DDP ranks may write the same file at the same time)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".tmp_", suffix=".yaml")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, run_dir / "config.yaml")
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path, module=None) -> str | None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from diffusion_lab.data.images import ROOT_HINT, ImageDataModule, decode_images, fetch_or_fail, load_image
+from diffusion_lab.fileio import atomic_path
 
 EXCLUDED = ("Blurry", "Eyeglasses", "Heavy_Makeup", "Wearing_Hat")
 _TV_SPLITS = {"train": 0, "valid": 1, "test": 2, "all": None}
@@ -151,9 +152,7 @@ class CelebA64DataModule(ImageDataModule):
 def _save(item: dict, path: Path) -> None:
     # Write-then-rename so an interrupted build never leaves a truncated cache that later loads.
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(item, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(item, tmp)
     except OSError as exc:  # read-only data root: keep going from memory, rebuild next time
         warnings.warn(f"could not write the CelebA-64 cache {path} ({exc}); set data.cache_dir", stacklevel=3)
