@@ -144,13 +144,30 @@ def sample_precision(cfg: DictConfig) -> str | None:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, exclude: tuple[type, ...] = ()) -> L.Trainer:
-    """Trainer with the configured callbacks (null entries and `exclude` types skipped) and logger."""
+    """Trainer with the configured callbacks (null entries and `exclude` types skipped) and logger.
+
+    The progress bar and model summary Lightning would add by default are replaced by ours (callbacks.py: one
+    line, epochs counted right; real FLOPs); trainer.enable_progress_bar=false drops a configured bar instead
+    of failing (Lightning refuses the flag next to a bar callback), so a resume may switch it off."""
+    from lightning.pytorch.callbacks import ModelSummary as AnySummary
+    from lightning.pytorch.callbacks import ProgressBar as AnyBar
+
+    from diffusion_lab.callbacks import ModelSummary, ProgressBar
+    from diffusion_lab.console import quiet_libraries
+
+    quiet_libraries()
     callbacks = [make(cfg, f"callbacks.{name}", optional=True) for name in (cfg.get("callbacks") or {})]
-    callbacks = [c for c in callbacks if not isinstance(c, exclude)]
+    callbacks = [c for c in callbacks if c is not None and not isinstance(c, exclude)]
+    if not OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True):
+        callbacks = [c for c in callbacks if not isinstance(c, AnyBar)]
+    elif not any(isinstance(c, AnyBar) for c in callbacks):
+        callbacks.append(ProgressBar())
+    if OmegaConf.select(cfg, "trainer.enable_model_summary", default=True) and not any(
+            isinstance(c, AnySummary) for c in callbacks):
+        callbacks.append(ModelSummary())
     logger = make(cfg, "logger", optional=True) or False
-    trainer = make(cfg, "trainer", callbacks=[c for c in callbacks if c is not None], logger=logger,
-                   default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
-    return trainer
+    return make(cfg, "trainer", callbacks=callbacks, logger=logger, enable_model_summary=False,
+                default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
 
 
 def load_checkpoint(path: str | Path, key: str = "ckpt") -> dict:

@@ -1,13 +1,16 @@
-"""Lightning callbacks the library lacks: foreach EMA on WeightAveraging, sample monitoring."""
+"""Lightning callbacks the library lacks: foreach EMA on WeightAveraging, sample monitoring, a one-line progress bar
+and a model summary with real FLOPs."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, WeightAveraging
+from lightning.pytorch.callbacks import ModelSummary as _ModelSummary
 
 
 def ema_multi_avg_fn(decay: float, warmup: bool):
@@ -192,3 +195,64 @@ class MetricMonitor(L.Callback):
 
     def score(self, samples: torch.Tensor, datamodule, device) -> dict:
         return datamodule.domain.score(datamodule, samples, self, device)
+
+
+def planned_epochs(trainer) -> int | None:
+    """Epochs the fit will run: max_epochs, or max_steps over the batches per epoch; None when only a time
+    budget (or nothing) ends it."""
+    if trainer.max_epochs not in (None, -1):
+        return int(trainer.max_epochs)
+    batches = trainer.num_training_batches
+    if trainer.max_steps and trainer.max_steps > 0 and batches and math.isfinite(batches):
+        return math.ceil(trainer.max_steps / (batches // max(1, trainer.accumulate_grad_batches) or 1))
+    return None
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's Rich bar on one line: "Epoch 3/12" counted from 1 (the stock bar prints max_epochs - 1,
+    i.e. "Epoch 14/-2" for a run ended by max_steps), a bar that shrinks to the terminal's width instead of
+    wrapping, and only the metrics logged with prog_bar=True (no TensorBoard version number)."""
+
+    def __init__(self, refresh_rate: int = 10, leave: bool = False):
+        super().__init__(refresh_rate=refresh_rate, leave=leave)
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        total = planned_epochs(self.trainer)
+        return f"Epoch {current_epoch + 1}" + (f"/{total}" if total else "")
+
+    def configure_columns(self, trainer) -> list:
+        columns = super().configure_columns(trainer)
+        columns[1].bar_width = None  # the bar takes what the other columns leave of the console width
+        return columns
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return {k.removeprefix("train/"): v for k, v in items.items()}
+
+
+class ModelSummary(_ModelSummary):
+    """Lightning's layer table without its FLOPs column, which counts only with an example_input_array (this
+    module's nets take (x, t, cond), so it read 0 everywhere); the total line states the real FLOPs of one
+    denoiser forward instead (compute.py: one multiply-add = one FLOP), when the module is a diffusion one."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._module = pl_module
+        super().on_fit_start(trainer, pl_module)
+
+    def summarize(self, summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+                  total_flops=0, **kwargs) -> None:
+        from lightning.pytorch.callbacks.model_summary import log
+        from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+
+        columns = [c for c in summary_data if c[0] != "FLOPs"]
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
+                                      0, *columns)
+        lines = [line for line in table.splitlines() if not line.rstrip().endswith("Total Flops")]
+        module = getattr(self, "_module", None)
+        if hasattr(module, "sample_shape") and hasattr(module, "net"):
+            from diffusion_lab import compute
+
+            flops = compute.module_forward_flops(module)
+            lines.append(f"{flops / 1e9:<10.4g}GFLOPs per denoiser forward (1 sample; 1 multiply-add = 1 FLOP)")
+        log.info("\n" + "\n".join(lines))

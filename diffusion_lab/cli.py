@@ -150,6 +150,9 @@ def run_task(cfg: DictConfig):
     lock = None
     environ = dict(os.environ)
     try:
+        from diffusion_lab.console import quiet_libraries
+
+        quiet_libraries()
         allow_user_targets(cfg.get("allow_targets"))
         validate(cfg)
         if multirun:
@@ -167,6 +170,9 @@ def run_task(cfg: DictConfig):
         task = instantiate(cfg.task)
         results = task(cfg, run_dir)
     except (Exception, KeyboardInterrupt) as exc:
+        from diffusion_lab.console import log_failure
+
+        log_failure(exc)  # the traceback into run.log (when the run got that far); the console gets one line
         if lock is not None and isinstance(exc, ConfigError):
             lock.rollback()  # a fresh dir whose run stopped on bad input is left as it was found
             lock = None if lock.fd is None else lock

@@ -61,12 +61,16 @@ class InceptionFeatures:
     @torch.no_grad()
     def __call__(self, images: Tensor) -> dict[str, Tensor]:
         """uint8 (N, 1|3, H, W) -> {"2048": (N, 2048), "logits_unbiased": (N, 1008)} float32 on the CPU."""
+        from diffusion_lab.console import progress
+
         images = _to_rgb_u8(images)
         feats: dict[str, list[Tensor]] = {"2048": [], "logits_unbiased": []}
-        for i in range(0, len(images), self.batch_size):
-            out = self.net(images[i: i + self.batch_size].to(self.device))
-            for key, value in zip(("2048", "logits_unbiased"), out):
-                feats[key].append(value.float().cpu())
+        with progress(len(images), "Inception features", unit="img") as bar:
+            for i in range(0, len(images), self.batch_size):
+                out = self.net(images[i: i + self.batch_size].to(self.device))
+                for key, value in zip(("2048", "logits_unbiased"), out):
+                    feats[key].append(value.float().cpu())
+                bar.update(len(out[0]))
         self.calls += len(images)
         return {k: torch.cat(v) for k, v in feats.items()}
 

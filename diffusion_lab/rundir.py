@@ -17,7 +17,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -199,15 +198,10 @@ def _write(path: Path, text: str) -> None:
 
 def _log_to_file(path: Path) -> None:
     """run.log with Hydra's file format (its job_logging file handler is replaced by this one, attached only
-    once the dir is ours)."""
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if getattr(h, "_diffusion_lab_run_log", False)]:
-        root.removeHandler(handler)
-        handler.close()
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    handler._diffusion_lab_run_log = True
-    root.addHandler(handler)
+    once the dir is ours); Lightning's messages and warnings go there too (console.attach_run_log)."""
+    from diffusion_lab.console import attach_run_log  # tqdm stays out of the early-error path
+
+    attach_run_log(path)
 
 
 _new_dirs: dict[str, str] = {}

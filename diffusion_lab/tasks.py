@@ -27,6 +27,7 @@ from diffusion_lab.build import (
     sample_precision,
 )
 from diffusion_lab.callbacks import EMA
+from diffusion_lab.console import progress
 from diffusion_lab.evaluation import check_eval_inputs, check_judge, judge_metrics
 from diffusion_lab.fileio import atomic_write_text
 from diffusion_lab.guidance import ClassifierGuidance, requested_labels
@@ -55,6 +56,10 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _sampler_name(sampler) -> str:
+    return getattr(getattr(sampler, "func", sampler), "__name__", "sampler").removeprefix("sample_")
 
 
 def _sampler_protocol(sampler, module) -> dict:
@@ -86,9 +91,23 @@ def generate_and_evaluate(module, datamodule, cfg: DictConfig, run_dir: Path, pr
     frames = datamodule.domain.frames(dict(getattr(sampler, "keywords", {})).get("steps", 1), min(batch, n_total),
                                       module.space.decode)
     t0 = time.perf_counter()
+    steps = int(dict(getattr(sampler, "keywords", {})).get("steps", 1) or 1)
+    share = -(-n_total // (module.trainer.world_size if module._trainer is not None else 1))
+    if module.is_rank_zero:
+        log.info("sampling %d with %s: %d steps x %d batch(es) of <= %d", n_total, _sampler_name(sampler), steps,
+                 -(-share // batch), batch)
+    bar = progress(steps * -(-share // batch), f"sampling {n_total}", unit="step",
+                   enabled=None if module.is_rank_zero else False)
+
+    def step(i, t, x):
+        bar.update(1)
+        if frames is not None:
+            frames(i, t, x)
+
     # Under DDP every rank draws its share and the samples are gathered once; rank 0 scores and writes.
-    samples = module.sample_sharded(n_total, int(ev.seed), cond=labels, sampler=sampler, batch_size=batch,
-                                    callback=frames, guidance=guidance).float().cpu()
+    with bar:
+        samples = module.sample_sharded(n_total, int(ev.seed), cond=labels, sampler=sampler, batch_size=batch,
+                                        callback=step, guidance=guidance).float().cpu()
     sample_time = time.perf_counter() - t0
     if not module.is_rank_zero:
         return {"metrics": {}}
