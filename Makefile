@@ -7,6 +7,8 @@ STAMP   := $(VENV)/.installed
 ARGS    ?=
 PYTEST_ARGS ?=
 LOGDIR  ?= outputs
+TB_HOST ?= localhost
+TB_PORT ?= 6006
 
 .PHONY: install run test test-slow lint format tensorboard bench clean sweep collect
 
@@ -36,8 +38,9 @@ lint: install
 format: install
 	$(BIN)/ruff format diffusion_lab tests run.py sweeps benchmarks
 
+# localhost only (reach it from elsewhere through `ssh -L 6006:localhost:6006`); TB_HOST=0.0.0.0 to expose it
 tensorboard: install
-	$(BIN)/tensorboard --logdir $(LOGDIR) --bind_all
+	$(BIN)/tensorboard --logdir $(LOGDIR) --host $(TB_HOST) --port $(TB_PORT)
 
 # diffusers is installed only here (the bench extra), never by `make install`.
 BENCH_STAMP := $(VENV)/.installed-bench

@@ -247,8 +247,9 @@ def _remove_if_empty(run_dir: Path) -> None:
 
 
 def log_hparams(run_dir: Path, overrides: list[str], results: dict) -> None:
-    """The job's overrides and key protocol fields + its scalar metrics in TensorBoard's HPARAMS view
-    (<run_dir>/tensorboard/hparams), so `tensorboard --logdir multirun/...` compares sweep jobs side by side."""
+    """The job's overrides and key protocol fields + its scalar metrics in TensorBoard's HPARAMS view, so
+    `tensorboard --logdir multirun/...` compares sweep jobs side by side. Written into <run_dir>/tensorboard, the
+    training logger's own folder: a subfolder would be listed by TensorBoard as a second run of every job."""
     from torch.utils.tensorboard import SummaryWriter
 
     proto = results.get("protocol", {})
@@ -260,7 +261,7 @@ def log_hparams(run_dir: Path, overrides: list[str], results: dict) -> None:
         hparams.setdefault("objective", proto["objective"].get("name"))
     metrics = {f"hparams/{k}": float(v) for k, v in results["metrics"].items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    with SummaryWriter(str(run_dir / "tensorboard" / "hparams")) as writer:
+    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
         writer.add_hparams(hparams, metrics, run_name=".")
 
 

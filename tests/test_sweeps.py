@@ -45,7 +45,7 @@ def test_parametrization_sweep_with_joblib_then_collector(tmp_path):
         want = json.loads((job / "results.json").read_text())["metrics"]["nll"]
         assert float(row["metric:nll"]) == pytest.approx(want)
         # TensorBoard HPARAMS view: each job's metrics, read back from its event file
-        assert read_scalars(job / "tensorboard" / "hparams", "hparams/nll")[1] == [pytest.approx(want)]
+        assert read_scalars(job / "tensorboard", "hparams/nll")[1] == [pytest.approx(want)]
         # the compute columns: 3 x forward x steps x batch, and n x NFE x forward (ancestral, 20 steps)
         assert int(row["compute:train_flops"]) == 3 * MLP_MACS * 20 * STATES_BATCH
         assert int(row["compute:sampling_flops"]) == 200 * 20 * MLP_MACS
