@@ -245,7 +245,7 @@ def train_autoencoder(cfg: DictConfig, run_dir: Path, lpips_weight: float = 1.0,
             callback.use_average(module)
     if not trainer.is_global_zero:  # DDP: rank 0 evaluates and writes
         return {"metrics": {}}
-    _save_loss_curve(run_dir)
+    _save_loss_curve(run_dir, trainer)
 
     net, device = module.net.eval(), module.device
     t_eval = time.perf_counter()

@@ -144,7 +144,8 @@ def sample_precision(cfg: DictConfig) -> str | None:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, exclude: tuple[type, ...] = ()) -> L.Trainer:
-    """Trainer with the configured callbacks (null entries and `exclude` types skipped) and logger.
+    """Trainer with the configured callbacks (null entries and `exclude` types skipped), the in-process History
+    (loss and throughput for report.md whatever the logger) and the logger.
 
     The progress bar and model summary Lightning would add by default are replaced by ours (callbacks.py: one
     line, epochs counted right; real FLOPs); trainer.enable_progress_bar=false drops a configured bar instead
@@ -152,12 +153,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, exclude: tuple[type, ...] = ()
     from lightning.pytorch.callbacks import ModelSummary as AnySummary
     from lightning.pytorch.callbacks import ProgressBar as AnyBar
 
-    from diffusion_lab.callbacks import ModelSummary, ProgressBar
+    from diffusion_lab.callbacks import History, ModelSummary, ProgressBar
     from diffusion_lab.console import quiet_libraries
 
     quiet_libraries()
     callbacks = [make(cfg, f"callbacks.{name}", optional=True) for name in (cfg.get("callbacks") or {})]
-    callbacks = [c for c in callbacks if c is not None and not isinstance(c, exclude)]
+    callbacks = [c for c in callbacks if c is not None and not isinstance(c, exclude)] + [History()]
     if not OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True):
         callbacks = [c for c in callbacks if not isinstance(c, AnyBar)]
     elif not any(isinstance(c, AnyBar) for c in callbacks):

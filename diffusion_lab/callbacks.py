@@ -151,6 +151,46 @@ class Throughput(L.Callback):
             self._t0, self._count = time.perf_counter(), 0
 
 
+class History(L.Callback):
+    """The training loss and throughput of every logging step, kept in process and in the checkpoint (so a
+    resumed run has its whole history), whatever logger ran (tensorboard, csv, none): report.md and the loss
+    curve read them from here. Added by build_trainer to every fit.
+
+    The loss is the training_step's return value, read on logging steps only (one host sync per interval, as
+    Lightning's own logging); throughput is items per second of wall time between logging steps."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.loss: list[float] = []
+        self.samples_per_sec: list[float] = []
+        self._t0, self._count = None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._t0 is None:
+            self._t0, self._count = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._count += next((len(v) for k, v in batch.items() if k != "cond"), 0) if isinstance(batch, dict) else 0
+        step = trainer.global_step
+        if step % max(1, trainer.log_every_n_steps) or (self.steps and self.steps[-1] >= step):
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None:  # a skipped (non-finite) step
+            return
+        elapsed = time.perf_counter() - self._t0
+        self.steps.append(step)
+        self.loss.append(float(loss))
+        self.samples_per_sec.append(self._count / max(elapsed, 1e-9))
+        self._t0, self._count = time.perf_counter(), 0
+
+    def state_dict(self) -> dict:
+        return {"steps": list(self.steps), "loss": list(self.loss), "samples_per_sec": list(self.samples_per_sec)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.loss = list(state.get("steps", [])), list(state.get("loss", []))
+        self.samples_per_sec = list(state.get("samples_per_sec", []))
+
+
 class Sleep(L.Callback):
     """Sleep after every training batch: makes a tiny run slow enough to interrupt in tests and demos."""
 

@@ -142,7 +142,7 @@ def train_classifier(cfg: DictConfig, run_dir: Path, noisy: bool = True,
     train_seconds = time.perf_counter() - t_fit
     if not trainer.is_global_zero:  # DDP: rank 0 evaluates and writes
         return {"metrics": {}}
-    _save_loss_curve(run_dir)
+    _save_loss_curve(run_dir, trainer)
 
     net = module.net.eval()
     x, y = datamodule.labelled(val_split)

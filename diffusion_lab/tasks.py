@@ -41,7 +41,7 @@ from diffusion_lab.preflight import (
     prepare_space,
     setup_data,
 )
-from diffusion_lab.report import read_scalars, training_facts, write_report
+from diffusion_lab.report import history, read_scalars, sampling_facts, training_facts, write_report
 from diffusion_lab.samplers import nfe
 
 log = logging.getLogger("diffusion_lab")
@@ -180,7 +180,7 @@ def fit(cfg: DictConfig, run_dir: Path):
         if isinstance(callback, EMA):
             callback.use_average(parts.module)
     if trainer.is_global_zero:
-        _save_loss_curve(run_dir)
+        _save_loss_curve(run_dir, trainer)
     return parts, trainer, seconds
 
 
@@ -218,9 +218,12 @@ def train_compute(module, trainer) -> dict:
                             module.ledger.samples(trainer.world_size), module.ledger.seconds(), devices, accelerator)
 
 
-def _save_loss_curve(run_dir: Path) -> None:
-    """Plot train/loss (and val/loss when a validation loop logged it) from the TensorBoard events."""
-    steps, losses = read_scalars(run_dir, "train/loss")
+def _save_loss_curve(run_dir: Path, trainer=None) -> None:
+    """Plot train/loss from the fit's in-process History (every launch, any logger; else the TensorBoard events)
+    and val/loss when a validation loop logged it to TensorBoard."""
+    record = history(trainer) if trainer is not None else None
+    steps, losses = (record.steps, record.loss) if record is not None and record.steps else \
+        read_scalars(run_dir, "train/loss")
     if steps:
         fig = plots.plot_loss_curve(steps, losses, title="train/loss", val=read_scalars(run_dir, "val/loss"))
         plots.save_figure(fig, run_dir / "loss_curve.png")
@@ -298,8 +301,18 @@ def sample_restored(cfg: DictConfig, run_dir: Path, parts, saved: DictConfig, ck
                 "compute": _checkpoint_compute(module, ckpt, saved)}
     setup_data(saved, parts.datamodule)
     check_judge(cfg.eval, tuple(parts.datamodule.shape))
-    return generate_and_evaluate(module, parts.datamodule, cfg, run_dir, protocol, sampler=sampler,
-                                 wall_start=wall_start)
+    results = generate_and_evaluate(module, parts.datamodule, cfg, run_dir, protocol, sampler=sampler,
+                                    wall_start=wall_start)
+    if not module.is_rank_zero:
+        return results
+    # the checkpoint's training settings; how this run sampled is in the facts (sampler, steps, guidance, n)
+    trained = {k: v for k, v in OmegaConf.to_container(saved, resolve=True).items()
+               if k not in ("sampler", "guidance", "eval", "seed")}
+    write_report(run_dir, f"{protocol['title'] or 'run'}: {task_name} report", sampling_facts(results["protocol"]),
+                 results, {"Samples": "samples.png", "Samples per class": "samples_per_class.png",
+                           "Denoising trajectory": "trajectory.png"}, config=trained, section="Sampling",
+                 params_title="Training hyperparameters (of the checkpoint)")
+    return results
 
 
 def _checkpoint_compute(module, ckpt: dict, saved: DictConfig) -> dict:
@@ -358,6 +371,9 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
                                                 "labelled": labels is not None,
                                                 **datamodule.domain.protocol(datamodule), **extra}}
     write_json(run_dir / "results.json", results)
+    write_report(run_dir, f"{path.name}: evaluation report", sampling_facts(results["protocol"]), results,
+                 {"Samples": "samples.png", "Samples per class": "samples_per_class.png"}, config={},
+                 section="Evaluation")
     return results
 
 
