@@ -10,6 +10,7 @@ Library lines that carry nothing for a user are dropped at their source (see qui
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 
@@ -75,7 +76,10 @@ def log_failure(exc: BaseException) -> None:
 def progress(total: int, desc: str, unit: str = "it", enabled: bool | None = None) -> tqdm:
     """A progress bar on stderr for long loops outside Lightning's (sampling, Inception features).
 
-    enabled=None: shown on a terminal only, so logs of batch jobs and captured test output stay free of
-    carriage-return spam (the caller logs one line saying what runs)."""
-    return tqdm(total=total, desc=desc, unit=unit, disable=(not sys.stderr.isatty()) if enabled is None
-                else not enabled, leave=False, dynamic_ncols=True, file=sys.stderr)
+    enabled=None: shown on a terminal only, so logs of batch jobs stay free of carriage-return spam (the caller
+    logs one line saying what runs); DIFFUSION_LAB_PROGRESS=1 shows them anywhere, =0 nowhere."""
+    if enabled is None:
+        forced = os.environ.get("DIFFUSION_LAB_PROGRESS", "")
+        enabled = forced == "1" if forced in ("0", "1") else sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False, dynamic_ncols=True,
+                file=sys.stderr)

@@ -78,6 +78,15 @@ def test_sample_task_reproduces_training_samples_exactly(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_results(tmp_path / "ev")["metrics"]["nll"] == pytest.approx(
         read_results(sample_dir)["metrics"]["nll"], rel=1e-9)
+    # every task writes report.md: how it sampled (the command line's sampler, not the checkpoint's), the
+    # checkpoint's training settings, its metrics read back from results.json
+    ddim = (tmp_path / "ddim" / "report.md").read_text()
+    assert "| sampler | ddim |" in ddim and "| steps | 10 |" in ddim and "| n samples | 200 |" in ddim
+    assert "## Training hyperparameters" in ddim and "| T (timesteps) | 50 |" in ddim
+    assert f"| nll | {read_results(tmp_path / 'ddim')['metrics']['nll']:.6g} |" in ddim
+    assert "![Samples](samples.png)" in (sample_dir / "report.md").read_text()
+    evaluated = (tmp_path / "ev" / "report.md").read_text()
+    assert "## Evaluation" in evaluated and "| n samples | 300 |" in evaluated and "| nll |" in evaluated
 
 
 def test_bad_checkpoint_is_one_line_error(tmp_path):
