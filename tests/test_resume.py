@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import FAST, REPO, run_cli
 
@@ -29,7 +30,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     # Same run, but slowed down so it can be killed between checkpoints, then SIGKILLed.
-    slow = ["+callbacks.slow._target_=diffusion_lab.callbacks.Sleep", "+callbacks.slow.seconds=0.05"]
+    slow = ["+callbacks.slow._target_=diffusion_lab.callbacks.Sleep", "+callbacks.slow.seconds=0.15"]
     args = [sys.executable, str(REPO / "run.py"), *RUN, f"hydra.run.dir={killed_dir}", *slow]
     child = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     step20 = killed_dir / "checkpoints" / "step0000020.ckpt"
@@ -46,7 +47,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     child.wait()
     assert step20.exists(), "the run never reached its step-20 checkpoint"
     assert not (killed_dir / "results.json").exists(), "killed too late: the run had finished"
-    killed_at = torch.load(killed_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    killed = torch.load(killed_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    killed_at, before = killed["global_step"], killed["compute"]["train_seconds"]  # the resume starts from here
     assert 20 <= killed_at < 40
 
     # Re-running the same command in the same run dir resumes automatically from last.ckpt (the run dir
@@ -67,6 +69,19 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert res["compute"]["samples_seen"] == ref["compute"]["samples_seen"] == 40 * 256
     spent = json.loads((killed_dir / "results.json").read_text())["protocol"]["compute"]
     assert spent["train_flops"] == 3 * macs * 40 * 256 and spent["train_loop_seconds"] > 0
+    # report.md: the training time of both launches, not of the resumed one only. Truth: what the killed launch
+    # had trained by the checkpoint the resume started from + the resumed launch's fit wall time (tasks.fit's own clock, which
+    # also holds the resume's setup: the loop time is at most that, at least 10% less only if setup took longer
+    # than a tenth of the run; the 40 steps sleep 0.15 s each across the launches, so the floor is 6 s)
+    resumed = json.loads((killed_dir / "results.json").read_text())["protocol"]["train_seconds"]
+    rows = {k.strip(): v.strip() for k, v, *_ in (line.strip("|").split("|") for line in
+            (killed_dir / "report.md").read_text().splitlines() if line.count("|") == 3)}
+    total = float(rows["train wall seconds all launches"])
+    assert 0.9 * (before + resumed) <= total <= before + resumed + 0.02 and total >= 40 * 0.15
+    assert float(rows["train wall seconds this launch"]) == pytest.approx(resumed, abs=0.01)
+    # epochs: 40 steps x 256 samples over the training set, a fraction (Lightning's own count says 1)
+    train_n = json.loads((killed_dir / "results.json").read_text())["protocol"]["data"]["train_n"]
+    assert rows["epochs"] == f"{round(40 * 256 / train_n, 4):.6g}" and rows["samples seen"] == str(40 * 256)
 
 
 def test_checkpoint_write_is_atomic_and_read_is_code_free(tmp_path):
