@@ -70,9 +70,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     spent = json.loads((killed_dir / "results.json").read_text())["protocol"]["compute"]
     assert spent["train_flops"] == 3 * macs * 40 * 256 and spent["train_loop_seconds"] > 0
     # report.md: the training time of both launches, not of the resumed one only. Truth: what the killed launch
-    # had trained by the checkpoint the resume started from + the resumed launch's fit wall time (tasks.fit's own clock, which
-    # also holds the resume's setup: the loop time is at most that, at least 10% less only if setup took longer
-    # than a tenth of the run; the 40 steps sleep 0.15 s each across the launches, so the floor is 6 s)
+    # had trained by the checkpoint the resume started from + the resumed launch's fit wall time (tasks.fit's own
+    # clock; it also holds the resume's setup, so the loop time is at most that). The 40 steps sleep 0.15 s each
+    # across the two launches: the total is at least 6 s.
     resumed = json.loads((killed_dir / "results.json").read_text())["protocol"]["train_seconds"]
     rows = {k.strip(): v.strip() for k, v, *_ in (line.strip("|").split("|") for line in
             (killed_dir / "report.md").read_text().splitlines() if line.count("|") == 3)}
