@@ -150,8 +150,9 @@ def run_task(cfg: DictConfig):
     lock = None
     environ = dict(os.environ)
     try:
-        from diffusion_lab.console import quiet_libraries
+        from diffusion_lab.console import detach_run_log, quiet_libraries
 
+        detach_run_log()  # a sweep's previous job: its run.log is closed before this job logs anything
         quiet_libraries()
         allow_user_targets(cfg.get("allow_targets"))
         validate(cfg)
@@ -170,9 +171,10 @@ def run_task(cfg: DictConfig):
         task = instantiate(cfg.task)
         results = task(cfg, run_dir)
     except (Exception, KeyboardInterrupt) as exc:
-        from diffusion_lab.console import log_failure
+        if lock is not None:  # the run dir is this run's: its traceback goes to run.log, the console gets one line
+            from diffusion_lab.console import log_failure
 
-        log_failure(exc)  # the traceback into run.log (when the run got that far); the console gets one line
+            log_failure(exc)
         if lock is not None and isinstance(exc, ConfigError):
             lock.rollback()  # a fresh dir whose run stopped on bad input is left as it was found
             lock = None if lock.fd is None else lock

@@ -47,16 +47,23 @@ def _is_run_log(handler: logging.Handler) -> bool:
     return getattr(handler, "_diffusion_lab_run_log", False)
 
 
-def attach_run_log(path) -> logging.Handler:
-    """Send every log record (root and Lightning's non-propagating loggers) and every warning to `path`
-    as well, replacing the handler of an earlier run in this process (sweeps run jobs one after another)."""
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter(RUN_LOG_FORMAT))
-    handler._diffusion_lab_run_log = True
+def detach_run_log() -> None:
+    """Close the run.log handler of an earlier run in this process (a sweep's previous job), so nothing of the
+    next job is written into it before that job has claimed its own dir."""
     for logger in (logging.getLogger(), *map(logging.getLogger, LIGHTNING_LOGGERS)):
         for old in [h for h in logger.handlers if _is_run_log(h)]:
             logger.removeHandler(old)
             old.close()
+
+
+def attach_run_log(path) -> logging.Handler:
+    """Send every log record (root and Lightning's non-propagating loggers) and every warning to `path`
+    as well, replacing the handler of an earlier run in this process (sweeps run jobs one after another)."""
+    detach_run_log()
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(RUN_LOG_FORMAT))
+    handler._diffusion_lab_run_log = True
+    for logger in (logging.getLogger(), *map(logging.getLogger, LIGHTNING_LOGGERS)):
         if logger is logging.getLogger() or not logger.propagate:
             logger.addHandler(handler)
     logging.captureWarnings(True)  # warnings -> the "py.warnings" logger -> console and run.log
