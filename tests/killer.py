@@ -38,3 +38,14 @@ class Kill(L.Callback):
             return sample_sharded(*args, **kwargs)
 
         pl_module.sample_sharded = killing
+
+
+class Raise(L.Callback):
+    """Raises RuntimeError after training step `step`: a run that fails after it claimed its dir."""
+
+    def __init__(self, step: int = 3):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"test failure at step {self.step}")

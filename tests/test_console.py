@@ -126,3 +126,16 @@ def test_progress_bar_stays_on_one_line_at_80_columns():
     assert len(lines[RichProgressBar]) > 1  # the failure this guards against
     assert len(lines[ProgressBar]) == 1 and "Epoch 15/20" in lines[ProgressBar][0] and "loss: 0.123" in \
         lines[ProgressBar][0]
+
+
+def test_failed_run_is_one_line_on_the_console_and_a_traceback_in_run_log(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(["trainer.max_steps=20", "data.batch_size=64", "callbacks=minimal", "logger=none",
+                    "+callbacks.boom._target_=killer.Raise", "+callbacks.boom.step=3", f"hydra.run.dir={run_dir}"],
+                   env={"PYTHONPATH": str(REPO / "tests")})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: RuntimeError: test failure at step 3 (set ")
+    assert "Traceback" not in proc.stdout + proc.stderr
+    log = (run_dir / "run.log").read_text()
+    assert "[diffusion_lab][ERROR] - run failed: RuntimeError: test failure at step 3" in log
+    assert "Traceback (most recent call last)" in log and "killer.py" in log
