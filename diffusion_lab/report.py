@@ -129,8 +129,10 @@ def _name(node) -> str | None:
 def hyperparameters(config: dict) -> dict:
     """The settings a course report tabulates, from a resolved run config (config.yaml)."""
     get = lambda *path: _get(config, path)  # noqa: E731
+    task = _name(get("task"))
+    net = {"train_classifier": "classifier", "train_autoencoder": "autoencoder"}.get(task, "model")
     rows = {
-        "data": get("data", "name") or _name(get("data")), "model": _name(get("model")),
+        "task": task, "data": get("data", "name") or _name(get("data")), net: _name(get(net)),
         "objective": _name(get("objective")), "schedule": _name(get("schedule")),
         "T (timesteps)": get("schedule", "T") or get("timesteps"),
         "optimizer": _name(get("optimizer")), "lr": get("optimizer", "lr"),
