@@ -175,13 +175,18 @@ def software() -> dict:
 
 def git_commit(where: Path) -> str | None:
     """HEAD of the git checkout holding `where` (+ "-dirty" with uncommitted changes to tracked files); None
-    outside a checkout (an installed package) or without git."""
+    outside a checkout (an installed package) or without git. The package's own files must be tracked there:
+    a venv inside some other project's repo would otherwise report that project's commit."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=10)
+
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
+        if git("ls-files", "--error-unmatch", "__init__.py").returncode != 0:
+            return None
+        head = git("rev-parse", "HEAD")
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                               capture_output=True, text=True, timeout=10)
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
