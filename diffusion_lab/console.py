@@ -17,10 +17,13 @@ import warnings
 from tqdm.auto import tqdm
 
 RUN_LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
-LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
 
-# Lightning 2.6 advertises its cloud logger at every Trainer construction ("💡 Tip: ... litlogger").
-_DROPPED_INFO = ("try installing [litlogger]", "Skipping setting a default `ModelSummary` callback")
+# Lightning 2.6 advertises its cloud logger at every Trainer construction ("💡 Tip: ... litlogger"), lists
+# accelerators the machine does not have, and restates limit_val_batches; the GPU line stays (used or not).
+_DROPPED_INFO = ("try installing [litlogger]", "Skipping setting a default `ModelSummary` callback",
+                 "TPU available: False", "HPU available: False",
+                 "was configured so 100% of the batches will be used")
 
 
 class _DropLines(logging.Filter):
@@ -37,10 +40,30 @@ def quiet_libraries() -> None:
     source = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # where rank_zero_info logs
     if _DROP not in source.filters:
         source.addFilter(_DROP)
+    # `import lightning` gives its logger a stderr handler and leaves it propagating: with Hydra's console
+    # handler on the root logger every Lightning line would print twice. Lightning's own compact handler
+    # keeps them (once); attach_run_log adds run.log to it.
+    lightning = logging.getLogger("lightning")
+    if any(not _is_run_log(h) for h in lightning.handlers) and logging.getLogger().handlers:
+        lightning.propagate = False
+    _follow_run_log()
+
+
+def _follow_run_log() -> None:
+    """Lightning's non-propagating loggers get the root's run.log handler (they never reach the root)."""
+    handler = next((h for h in logging.getLogger().handlers if _is_run_log(h)), None)
+    if handler is None:
+        return
+    for logger in map(logging.getLogger, LIGHTNING_LOGGERS):
+        if not logger.propagate and handler not in logger.handlers:
+            logger.addHandler(handler)
     # Lightning 2.6's own pytree helper uses a name torch 2.13 deprecated: a FutureWarning at the first batch
     # that no user code can act on (Lightning's to fix).
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
+    # The model summary warns that it sizes bf16-mixed / 16-mixed models as 32-bit: mixed precision keeps fp32
+    # weights, so 32 bits is right (true half precisions, 16-true / bf16-true, still warn).
+    warnings.filterwarnings("ignore", message=r"Precision (bf)?16-mixed is not supported by the model summary")
 
 
 def _is_run_log(handler: logging.Handler) -> bool:
@@ -63,9 +86,8 @@ def attach_run_log(path) -> logging.Handler:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter(RUN_LOG_FORMAT))
     handler._diffusion_lab_run_log = True
-    for logger in (logging.getLogger(), *map(logging.getLogger, LIGHTNING_LOGGERS)):
-        if logger is logging.getLogger() or not logger.propagate:
-            logger.addHandler(handler)
+    logging.getLogger().addHandler(handler)
+    _follow_run_log()
     logging.captureWarnings(True)  # warnings -> the "py.warnings" logger -> console and run.log
     return handler
 

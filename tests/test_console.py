@@ -18,8 +18,11 @@ from diffusion_lab.fileio import atomic_path, atomic_write_text, current_umask
 # A tiny STATES run with the console a user gets (progress bar, model summary), the CSV logger and sample grids.
 RUN = ["trainer.max_steps=20", "trainer.log_every_n_steps=5", "data.batch_size=64", "data.steps_per_epoch=8",
        "eval.n_samples=200", "timesteps=50", "sampler.steps=10", "model.hidden=32", "logger=csv",
-       "callbacks.samples.every_n_steps=10", "callbacks.samples.n=100", "callbacks.checkpoint.every_n_train_steps=10"]
-NOISE = ("litlogger", "LeafSpec", "Total Flops", "| FLOPs", "/-2", "v_num")
+       "callbacks.samples.every_n_steps=10", "callbacks.samples.n=100", "callbacks.checkpoint.every_n_train_steps=10",
+       "trainer.precision=bf16-mixed",
+       "trainer.deterministic=true", "trainer.benchmark=true"]  # the last two: Lightning warns they conflict
+NOISE = ("litlogger", "LeafSpec", "Total Flops", "| FLOPs", "/-2", "v_num", "TPU available", "100% of the batches",
+         "not supported by the model summary")
 
 
 @pytest.fixture
@@ -48,7 +51,8 @@ def test_run_console_is_quiet_run_log_complete_files_umask_report_logger_free(tm
     log = (run_dir / "run.log").read_text()
     assert "[lightning.pytorch" in log and "GPU available" in log  # Lightning's own messages
     assert "Trainable params" in log  # the model summary
-    assert "[py.warnings][WARNING]" in log  # warnings (here: Lightning's dataloader-workers hint)
+    assert "[py.warnings][WARNING]" in log and "deterministic=True` and `benchmark=True`" in log  # a warning
+    assert console.count("GPU available: False") == 1  # Lightning's lines once, not also through the root logger
     assert "[diffusion_lab][INFO] - results:" in log
 
     # every output through the atomic writer and the others: 0666 & ~umask (0027 -> 0640), not mkstemp's 0600
@@ -58,7 +62,9 @@ def test_run_console_is_quiet_run_log_complete_files_umask_report_logger_free(tm
         assert _mode(run_dir / name) == umask027, (name, oct(_mode(run_dir / name)))
 
     # logger=csv: throughput, final loss and the loss curve come from the in-process History (no TensorBoard)
-    assert not list(run_dir.rglob("events.out.tfevents.*"))
+    from diffusion_lab.report import read_scalars
+
+    assert read_scalars(run_dir, "train/loss") == ([], [])  # (tensorboard/ holds only the HPARAMS summary)
     report = (run_dir / "report.md").read_text()
     rows = dict(line.strip("|").split("|")[:2] for line in report.splitlines() if line.count("|") == 3)
     rows = {k.strip(): v.strip() for k, v in rows.items()}
