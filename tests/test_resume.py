@@ -76,9 +76,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     resumed = json.loads((killed_dir / "results.json").read_text())["protocol"]["train_seconds"]
     rows = {k.strip(): v.strip() for k, v, *_ in (line.strip("|").split("|") for line in
             (killed_dir / "report.md").read_text().splitlines() if line.count("|") == 3)}
-    total = float(rows["train wall seconds all launches"])
+    total = float(rows["train loop seconds all launches"])
     assert 0.9 * (before + resumed) <= total <= before + resumed + 0.02 and total >= 40 * 0.15
-    assert float(rows["train wall seconds this launch"]) == pytest.approx(resumed, abs=0.01)
+    assert float(rows["fit wall seconds this launch"]) == pytest.approx(resumed, abs=0.01)
     # epochs: 40 steps x 256 samples over the training set, a fraction (Lightning's own count says 1)
     train_n = json.loads((killed_dir / "results.json").read_text())["protocol"]["data"]["train_n"]
     assert rows["epochs"] == f"{round(40 * 256 / train_n, 4):.6g}" and rows["samples seen"] == str(40 * 256)
