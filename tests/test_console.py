@@ -145,3 +145,22 @@ def test_failed_run_is_one_line_on_the_console_and_a_traceback_in_run_log(tmp_pa
     log = (run_dir / "run.log").read_text()
     assert "[diffusion_lab][ERROR] - run failed: RuntimeError: test failure at step 3" in log
     assert "Traceback (most recent call last)" in log and "killer.py" in log
+
+
+def test_report_links_every_figure_and_explains_kid_std(tmp_path):
+    """KID over subsets that are the whole set has a round-off std: the report says why instead of a bare 0."""
+    from diffusion_lab.report import write_report
+
+    for name in ("samples.png", "sampling.gif", "trajectory.png", "extra_plot.png", "monitor/epoch_005.png",
+                 "monitor/epoch_020.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    note = "every subset is the whole set (n <= kid_subset_size): kid_std is only round-off"
+    results = {"metrics": {"fid": 181.25, "kid_mean": 0.2151, "kid_std": 3.1e-09},
+               "protocol": {"kid_std_note": note, "kid_subset_size": 256}}
+    report = write_report(tmp_path, "t", {"iterations": 3}, results, {"Samples": "samples.png"}, config={}).read_text()
+    assert f"| kid_std | 3.1e-09 ({note}) |" in report and "| fid | 181.25 |" in report
+    assert "![Samples](samples.png)" in report and "![Sampling (animation)](sampling.gif)" in report
+    assert "![Denoising trajectory](trajectory.png)" in report
+    for name in ("extra_plot.png", "monitor/epoch_005.png", "monitor/epoch_020.png"):
+        assert f"[{name}]({name})" in report
