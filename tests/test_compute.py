@@ -123,6 +123,7 @@ def test_report_rows_show_the_compute(tmp_path):
     class FakeTrainer:  # the attributes training_facts reads
         num_devices, num_nodes, accumulate_grad_batches, global_step, current_epoch, precision = 1, 1, 1, 20, 0, "32"
         accelerator = type("CPUAccelerator", (), {})()
+        callbacks, datamodule = [], None  # no History callback, no datamodule: no loss rows, no fractional epoch
 
     spent = {"forward_gflops": 2e-4, "train_flops": 3 * 200_000 * 1280, "samples_seen": 1280, "nfe": 20,
              "cfg_factor": 2, "sampling_flops": 10**9, "counter": compute.COUNTER}
