@@ -132,6 +132,7 @@ def fidelity_cli(*args: str) -> dict:
     return json.loads(proc.stdout[proc.stdout.index("{"):])
 
 
+@pytest.mark.slow  # ~40-80 s (two Inception passes plus the CLI's own); the default suite is over budget
 @needs_weights
 def test_exported_real_pngs_and_generated_pngs_give_the_suites_kid_through_the_fidelity_cli(tmp_path):
     """task=export writes the real test digits the suite's reference uses (the same seeded subset), task=evaluate
