@@ -40,6 +40,13 @@ def mnist():
     return dm.real_uint8("train", N), dm.real_uint8("test", N)
 
 
+@pytest.fixture(scope="module")
+def feats(extractor, mnist):
+    """Inception features of the N train and N test digits, extracted once for the tests below (~8 s a pass)."""
+    train, test = mnist
+    return extractor(train), extractor(test)
+
+
 class _U8(torch.utils.data.Dataset):
     """What torch-fidelity's API takes: a Dataset of uint8 (3, H, W) tensors."""
 
@@ -53,11 +60,11 @@ class _U8(torch.utils.data.Dataset):
         return self.x[i]
 
 
-def test_fid_kid_equal_a_direct_torch_fidelity_call(extractor, mnist):
+def test_fid_kid_equal_a_direct_torch_fidelity_call(feats, mnist):
     import torch_fidelity
 
     train, test = mnist
-    ours, notes = fidelity_metrics(extractor(test), extractor(train), ["fid", "kid"], kid_subsets=20,
+    ours, notes = fidelity_metrics(feats[1], feats[0], ["fid", "kid"], kid_subsets=20,
                                    kid_subset_size=1000)
     direct = torch_fidelity.calculate_metrics(input1=_U8(test), input2=_U8(train), cuda=False, fid=True, kid=True,
                                               kid_subsets=20, kid_subset_size=N, verbose=False,
@@ -69,20 +76,20 @@ def test_fid_kid_equal_a_direct_torch_fidelity_call(extractor, mnist):
     assert "fid_warning" in notes  # n < 10k is flagged as biased
 
 
-def test_fid_of_uniform_noise_against_digits_is_huge(extractor, mnist):
+def test_fid_of_uniform_noise_against_digits_is_huge(extractor, mnist, feats):
     train, _ = mnist
     noise = torch.randint(0, 256, train.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    ours, _ = fidelity_metrics(extractor(noise), extractor(train), ["fid"])
-    same, _ = fidelity_metrics(extractor(train), extractor(train), ["fid"])
+    ours, _ = fidelity_metrics(extractor(noise), feats[0], ["fid"])
+    same, _ = fidelity_metrics(feats[0], feats[0], ["fid"])
     assert ours["fid"] > 300 and abs(same["fid"]) < 1e-2  # identical sets: FID 0 up to sqrtm round-off
 
 
-def test_isc_unavailable_with_fc_less_weights_and_exact_on_uniform_logits(extractor, mnist):
-    feats = extractor(mnist[0])
-    assert not torch.isfinite(feats["logits_unbiased"]).all()  # the offline weights have no fc layer
-    out, notes = fidelity_metrics(feats, feats, ["isc", "kid"])
+def test_isc_unavailable_with_fc_less_weights_and_exact_on_uniform_logits(feats):
+    train = feats[0]
+    assert not torch.isfinite(train["logits_unbiased"]).all()  # the offline weights have no fc layer
+    out, notes = fidelity_metrics(train, train, ["isc", "kid"])
     assert "isc_mean" not in out and "not finite" in notes["isc_unavailable"] and "kid_mean" in out
-    flat = {"2048": feats["2048"], "logits_unbiased": torch.zeros(N, 1008)}  # p(y|x) = marginal: IS = 1
+    flat = {"2048": train["2048"], "logits_unbiased": torch.zeros(N, 1008)}  # p(y|x) = marginal: IS = 1
     out, _ = fidelity_metrics(flat, flat, ["isc"], isc_splits=4)
     assert out["isc_mean"] == pytest.approx(1.0) and out["isc_std"] == pytest.approx(0.0, abs=1e-12)
 

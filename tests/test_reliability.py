@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,10 @@ import yaml
 from helpers import REPO, run_cli, write_autoencoder_ckpt
 
 TABLE = yaml.safe_load((Path(__file__).parent / "bad_inputs.yaml").read_text())["cases"]
+# The README's error examples ("$ python run.py <args>" then the printed line): run with the table, so the
+# README never shows a message the program no longer prints.
+README_ERRORS = [(shlex.split(cmd), err) for cmd, err in re.findall(
+    r"^\$ python run\.py (.*)\n(error: .*)$", (REPO / "README.md").read_text(), flags=re.M)]
 BASE = ["callbacks=minimal", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         "logger=none", "trainer.max_steps=5", "eval.n_samples=10"]
 
@@ -93,6 +99,8 @@ def results(tmp_path_factory):
               "judge": str(root / "judge" / "checkpoints" / "last.ckpt")}
     cases = [{"id": c["id"], "args": [*BASE, f"hydra.run.dir={root / 'runs' / c['id']}",
                                       *(a.format(**files) for a in c["args"])]} for c in TABLE]
+    cases += [{"id": f"readme_{i}", "args": [*BASE, f"hydra.run.dir={root / 'runs' / f'readme_{i}'}", *args]}
+              for i, (args, _) in enumerate(README_ERRORS)]
     before = {c["id"]: snapshot(Path(c["unchanged"].format(**files))) for c in TABLE if "unchanged" in c}
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "bad_input_driver.py")], input=json.dumps(cases),
                           capture_output=True, text=True, cwd=REPO,
@@ -101,6 +109,18 @@ def results(tmp_path_factory):
     out = {r["id"]: r for r in json.loads(proc.stdout)}
     after = {c["id"]: snapshot(Path(c["unchanged"].format(**files))) for c in TABLE if "unchanged" in c}
     return out, before, after
+
+
+@pytest.mark.parametrize("i", range(len(README_ERRORS)))
+def test_readme_error_examples_are_the_messages_printed(results, i):
+    out, _, _ = results
+    args, documented = README_ERRORS[i]
+    r = out[f"readme_{i}"]
+    assert r["code"] == 2 and r["stderr"].strip() == documented, (args, r["stderr"][-2000:])
+
+
+def test_readme_has_error_examples():
+    assert len(README_ERRORS) >= 5  # the parser above still finds the README's block
 
 
 def test_table_has_the_issue_categories():
