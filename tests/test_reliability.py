@@ -13,6 +13,7 @@ import re
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -89,11 +90,13 @@ def results(tmp_path_factory):
     files = make_files(root)
     # Fixture runs: a finished diffusion run (its dir and last.ckpt), a noisy and a clean classifier.
     run = root / "finished"
-    for args in ([f"hydra.run.dir={run}"],
-                 ["experiment=states_classifier", f"hydra.run.dir={root / 'clf'}"],
-                 ["experiment=states_classifier", "task.noisy=false", f"hydra.run.dir={root / 'judge'}"]):
-        proc = run_cli([*BASE, *args])
-        assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = ([f"hydra.run.dir={run}"],
+            ["experiment=states_classifier", f"hydra.run.dir={root / 'clf'}"],
+            ["experiment=states_classifier", "task.noisy=false", f"hydra.run.dir={root / 'judge'}"])
+    # three independent runs, side by side: each is mostly a Python start and imports (one core each)
+    with ThreadPoolExecutor(len(runs)) as pool:
+        for proc in pool.map(lambda args: run_cli([*BASE, *args]), runs):
+            assert proc.returncode == 0, proc.stderr[-2000:]
     files |= {"run": str(run), "ckpt": str(run / "checkpoints" / "last.ckpt"),
               "clf": str(root / "clf" / "checkpoints" / "last.ckpt"),
               "judge": str(root / "judge" / "checkpoints" / "last.ckpt")}

@@ -122,6 +122,7 @@ def test_concurrent_launches_never_share_a_dir(tmp_path):
         first.wait()
 
 
+@pytest.mark.slow  # 17 s: two sweeps of two training jobs each; make test-slow
 def test_sweep_rerun_with_changed_data_path_reruns_its_jobs(tmp_path):
     import numpy as np
 

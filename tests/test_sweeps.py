@@ -170,6 +170,7 @@ def test_fake_four_gpu_machine_gives_each_joblib_job_its_own_device(tmp_path):
     assert devices == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
 
 
+@pytest.mark.slow  # 18 s: a 2-process DDP job inside a joblib multirun; make test-slow
 def test_ddp_job_inside_a_multirun_keeps_one_output_dir_per_job(tmp_path):
     sweep, stray = tmp_path / "sweep", tmp_path / "stray"
     proc = run_cli(["-m", "experiment=states", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
