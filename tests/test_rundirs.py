@@ -95,6 +95,7 @@ def test_last_ckpt_holds_the_final_step_and_reproduces_the_samples(tmp_path):
                        torch.load(__import__("io").BytesIO(before), weights_only=True)["samples"])
 
 
+@pytest.mark.slow  # 13 s: two trainings launched at once; make test-slow
 def test_concurrent_launches_never_share_a_dir(tmp_path):
     # Default dirs: two launches in the same second get two dirs (atomic mkdir, suffix _1).
     args = [sys.executable, str(REPO / "run.py"), *RUN, "trainer.max_steps=5", "eval.n_samples=10"]

@@ -121,6 +121,8 @@ def test_cached_latents_equal_on_the_fly_encoding_and_the_cache_is_hit(ae_ckpt, 
     assert torch.allclose(other["posterior"], cache["posterior"], atol=1e-6)
 
 
+# 19 s: a latent training, then a refused relaunch (make test-slow); other latent runs stay in the default suite
+@pytest.mark.slow
 def test_latent_run_records_the_autoencoder_and_refuses_another(ae_ckpt, tmp_path):
     root = mnist_fixture(tmp_path / "data")
     run = tmp_path / "run"

@@ -157,6 +157,7 @@ def test_the_whole_sampling_steps_sweep_over_a_T500_checkpoint_launches_its_15_v
     assert {p["sampler"] for p in launched} == {"ancestral", "ddim", "euler", "heun"}
 
 
+@pytest.mark.slow  # 12 s: four joblib jobs on a faked 4-GPU machine; make test-slow
 def test_fake_four_gpu_machine_gives_each_joblib_job_its_own_device(tmp_path):
     site = tmp_path / "site"
     site.mkdir()
@@ -186,6 +187,7 @@ def test_ddp_job_inside_a_multirun_keeps_one_output_dir_per_job(tmp_path):
         assert (job / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow  # 17 s: the submitit launchers end to end; make test-slow
 def test_submitit_launchers(tmp_path):
     proc = run_cli(["sweep=parametrization", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
                     "--cfg", "hydra", "--package", "hydra.launcher"])
