@@ -158,7 +158,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, exclude: tuple[type, ...] = ()
 
     quiet_libraries()
     callbacks = [make(cfg, f"callbacks.{name}", optional=True) for name in (cfg.get("callbacks") or {})]
-    callbacks = [c for c in callbacks if c is not None and not isinstance(c, exclude)] + [History()]
+    callbacks = [History()] + [c for c in callbacks if c is not None and not isinstance(c, exclude)]
     if not OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True):
         callbacks = [c for c in callbacks if not isinstance(c, AnyBar)]
     elif not any(isinstance(c, AnyBar) for c in callbacks):
@@ -215,6 +215,17 @@ def module_state(ckpt: dict, use_ema: bool) -> tuple[dict, bool]:
     return ckpt["current_model_state"], False
 
 
+def diffusion_config(ckpt: dict, path: str | Path, key: str = "ckpt") -> DictConfig:
+    """The stored config of a task=train checkpoint; any other checkpoint (a classifier, an autoencoder) is refused
+    in one line. Shared by restore and the sweep's up-front job check (jobcheck.py)."""
+    saved = OmegaConf.create(ckpt["config"])
+    kind = OmegaConf.select(saved, "task._target_", default=None)
+    if kind != TRAIN_TARGET:
+        raise ConfigError(f"{key}={path}: written by task {kind}, not a diffusion model; task=sample/evaluate "
+                          "need a checkpoint of task=train")
+    return saved
+
+
 def restore(path: str | Path, use_ema: bool = True, key: str = "ckpt") -> tuple[Parts, DictConfig, dict, bool]:
     """A task=train checkpoint -> (its parts with the weights loaded, EMA by default, and the space's stored state;
     the saved config; the checkpoint; whether EMA weights were used). Reload = build(saved config) +
@@ -223,11 +234,7 @@ def restore(path: str | Path, use_ema: bool = True, key: str = "ckpt") -> tuple[
     from diffusion_lab.preflight import check_weights  # preflight sits above build: import where used
 
     ckpt = load_checkpoint(path, key=key)
-    saved = OmegaConf.create(ckpt["config"])
-    kind = OmegaConf.select(saved, "task._target_", default=None)
-    if kind != TRAIN_TARGET:
-        raise ConfigError(f"{key}={path}: written by task {kind}, not a diffusion model; task=sample/evaluate "
-                          "need a checkpoint of task=train")
+    saved = diffusion_config(ckpt, path, key)
     parts = build(saved)
     state, used_ema = module_state(ckpt, use_ema)
     check_weights(state, parts.module.state_dict(), f"{key}={path}")

@@ -15,7 +15,7 @@ def check_job(cfg: DictConfig, overrides: list[str], cache: dict | None = None) 
     its stored config, so a sweep over one checkpoint reads it once."""
     from hydra.core.hydra_config import HydraConfig
 
-    from diffusion_lab.build import TRAIN_TARGET, ConfigError, load_checkpoint, make
+    from diffusion_lab.build import ConfigError, diffusion_config, load_checkpoint, make
     from diffusion_lab.evaluation import check_eval_inputs
     from diffusion_lab.safety import allow_user_targets
     from diffusion_lab.tasks import _sampler_override
@@ -39,12 +39,9 @@ def check_job(cfg: DictConfig, overrides: list[str], cache: dict | None = None) 
         if target.endswith((".sample", ".evaluate")) and cfg.get("ckpt") and not cfg.get("samples"):
             check_eval_inputs(cfg.eval)
             path = str(cfg.ckpt)
-            if path not in cache:
-                cache[path] = OmegaConf.create(load_checkpoint(path)["config"])
+            if path not in cache:  # refused here as task=sample would refuse it, before any job starts
+                cache[path] = diffusion_config(load_checkpoint(path), path)
             saved = cache[path]
-            kind = OmegaConf.select(saved, "task._target_", default=None)
-            if kind != TRAIN_TARGET:  # what task=sample would refuse after loading the weights
-                raise ConfigError(f"ckpt={path}: written by task {kind}, not a diffusion model")
             _sampler_override(cfg, saved, make(saved, "schedule"), overrides)  # built and dry-run on that schedule
     except ConfigError as exc:
         return str(exc)
