@@ -127,7 +127,8 @@ class SampleMonitor(L.Callback):
 
 
 class Throughput(L.Callback):
-    """Training throughput (samples/s) over each logging interval; one host sync per interval.
+    """Logs train/samples_per_sec at every logging step, as History (below, on every fit) measured it: one timer,
+    one host sync per interval.
 
     Why not Lightning's ThroughputMonitor (it would need only a batch_size_fn): it calls
     torch.cuda.synchronize() after every training batch (throttling the sync-free GPU path, see
@@ -135,26 +136,17 @@ class Throughput(L.Callback):
     so short runs and the first interval of every run report nothing; this logs each interval, with one sync.
     """
 
-    def __init__(self):
-        self._t0, self._count = None, 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._t0 is None:
-            self._t0, self._count = time.perf_counter(), 0
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # items: raw images/points ("x") or cached latent posteriors ("posterior")
-        self._count += next(len(v) for k, v in batch.items() if k != "cond")
-        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
-            elapsed = time.perf_counter() - self._t0
-            pl_module.log("train/samples_per_sec", self._count / max(elapsed, 1e-9))
-            self._t0, self._count = time.perf_counter(), 0
+        record = next((c for c in trainer.callbacks if isinstance(c, History)), None)
+        if record is not None and record.steps and record.steps[-1] == trainer.global_step:
+            pl_module.log("train/samples_per_sec", record.samples_per_sec[-1])
 
 
 class History(L.Callback):
     """The training loss and throughput of every logging step, kept in process and in the checkpoint (so a
     resumed run has its whole history), whatever logger ran (tensorboard, csv, none): report.md and the loss
-    curve read them from here. Added by build_trainer to every fit.
+    curve read them from here, and Throughput logs its samples/s. Added by build_trainer to every fit, ahead of
+    the configured callbacks (Lightning calls them in list order, so Throughput reads this step's value).
 
     The loss is the training_step's return value, read on logging steps only (one host sync per interval, as
     Lightning's own logging); throughput is items per second of wall time between logging steps."""
@@ -170,6 +162,7 @@ class History(L.Callback):
             self._t0, self._count = time.perf_counter(), 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # items: raw images/points ("x") or cached latent posteriors ("posterior")
         self._count += next((len(v) for k, v in batch.items() if k != "cond"), 0) if isinstance(batch, dict) else 0
         step = trainer.global_step
         if step % max(1, trainer.log_every_n_steps) or (self.steps and self.steps[-1] >= step):
