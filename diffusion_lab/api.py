@@ -26,7 +26,7 @@ from torch import Tensor
 from diffusion_lab import CONF_DIR
 from diffusion_lab.build import ConfigError, check_sampler, make, restore, sample_precision
 from diffusion_lab.guidance import ClassifierFree, ClassifierGuidance, requested_labels
-from diffusion_lab.samplers import make_denoiser
+from diffusion_lab.samplers import make_denoiser, sampler_name
 
 __all__ = ["Model", "load"]
 
@@ -76,7 +76,7 @@ class Model:
 
     def __repr__(self) -> str:
         objective = self.module.objective
-        sampler = getattr(self.module.sampler, "func", self.module.sampler).__name__.removeprefix("sample_")
+        sampler = sampler_name(self.module.sampler)
         return (f"Model({self.checkpoint}: {type(self.module.net).__name__} "
                 f"{sum(p.numel() for p in self.module.net.parameters()):,} parameters, step {self.step}, "
                 f"{'EMA' if self.ema else 'raw'} weights, objective {objective.describe()}, schedule "

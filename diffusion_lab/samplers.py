@@ -321,6 +321,11 @@ def sample_dpmpp_3m(denoise: Denoiser, path: NoisePath, noise: Tensor, steps: in
     return _dpmpp_multistep(denoise, path, noise, steps, 3, spacing, callback)
 
 
+def sampler_name(sampler) -> str:
+    """`sample_ddim` or a functools.partial of it -> "ddim" (the name in results, logs and reports)."""
+    return getattr(getattr(sampler, "func", sampler), "__name__", "sampler").removeprefix("sample_")
+
+
 def nfe(sampler, steps: int) -> int:
     """Number of net evaluations a sampler spends for `steps`, as the sampler declares (`declares_nfe`)."""
     fn = getattr(sampler, "func", sampler)

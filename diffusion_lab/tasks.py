@@ -41,7 +41,7 @@ from diffusion_lab.preflight import (
     setup_data,
 )
 from diffusion_lab.report import history, read_scalars, sampling_facts, training_facts, write_report
-from diffusion_lab.samplers import nfe
+from diffusion_lab.samplers import nfe, sampler_name
 
 log = logging.getLogger("diffusion_lab")
 
@@ -57,14 +57,9 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _sampler_name(sampler) -> str:
-    return getattr(getattr(sampler, "func", sampler), "__name__", "sampler").removeprefix("sample_")
-
-
 def _sampler_protocol(sampler, module) -> dict:
-    fn = getattr(sampler, "func", sampler)
     kw = dict(getattr(sampler, "keywords", {}))
-    return {"sampler": fn.__name__.removeprefix("sample_"), **kw, "nfe": nfe(sampler, kw.get("steps", 0)),
+    return {"sampler": sampler_name(sampler), **kw, "nfe": nfe(sampler, kw.get("steps", 0)),
             "objective": module.objective.describe(), "schedule": module.objective.schedule.describe()}
 
 
@@ -87,16 +82,15 @@ def generate_and_evaluate(module, datamodule, cfg: DictConfig, run_dir: Path, pr
     check_eval_inputs(ev)  # before sampling: a typo must not cost a whole generation
     n_total = n if labels is None else len(labels)
     batch = ev.get("batch_size") or n_total
-    frames = datamodule.domain.frames(dict(getattr(sampler, "keywords", {})).get("steps", 1), min(batch, n_total),
-                                      module.space.decode)
-    t0 = time.perf_counter()
     steps = int(dict(getattr(sampler, "keywords", {})).get("steps", 1) or 1)
+    frames = datamodule.domain.frames(steps, min(batch, n_total), module.space.decode)
+    t0 = time.perf_counter()
     share = -(-n_total // (module.trainer.world_size if module._trainer is not None else 1))
+    batches = -(-share // batch)  # this rank's sampling batches
     if module.is_rank_zero:
-        log.info("sampling %d with %s: %d steps x %d batch(es) of <= %d", n_total, _sampler_name(sampler), steps,
-                 -(-share // batch), batch)
-    bar = progress(steps * -(-share // batch), f"sampling {n_total}", unit="step",
-                   enabled=None if module.is_rank_zero else False)
+        log.info("sampling %d with %s: %d steps x %d batch(es) of <= %d", n_total, sampler_name(sampler), steps,
+                 batches, batch)
+    bar = progress(steps * batches, f"sampling {n_total}", unit="step", enabled=None if module.is_rank_zero else False)
 
     def step(i, t, x):
         bar.update(1)
