@@ -8,6 +8,8 @@ to the output-space loss is wanted / w_out. That one rule gives min-SNR's per-ta
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import Tensor
 
@@ -26,13 +28,15 @@ class UniformWeighting:
         return {"name": self.name}
 
 
-class _X0Weighting:
-    """Base: weight = wanted x0-space weight / the objective's output-to-x0 factor."""
+class _X0Weighting(ABC):
+    """Base: weight = wanted x0-space weight / the objective's output-to-x0 factor. Subclasses (MinSNRWeighting,
+    EDMWeighting) state `wanted`; the base itself is never instantiated."""
 
     name = "x0"
 
+    @abstractmethod
     def wanted(self, alpha: Tensor, sigma: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The weight on ||x0_hat - x0||^2 at (alpha(t), sigma(t))."""
 
     def __call__(self, objective, t: Tensor) -> Tensor:
         alpha, sigma = objective.schedule.alpha_sigma(t.to(torch.float64))
